@@ -1,0 +1,116 @@
+"""The `cvlm` command: thin wrappers over functions a user can call from Python."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _connector_arg(text: str) -> tuple[str, object]:
+    """`key=value`; the value is read as JSON when it parses (ints, floats, bools, lists), else a string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--connector-arg {text!r} is not key=value (e.g. --connector-arg depth=3).")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _cmd_build(args) -> int:
+    from cvlm.build import build
+
+    layers = args.feature_layer[0] if args.feature_layer and len(args.feature_layer) == 1 else args.feature_layer
+    path = build(
+        args.output,
+        vision=args.vision,
+        llm=args.llm,
+        connector=args.connector,
+        connector_args=dict(args.connector_arg or []),
+        image_size=args.image_size,
+        feature_layer=-2 if layers is None else layers,
+        select_strategy=args.select_strategy,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    print(f"wrote {path}: connector={config.connector_type}, image tokens Q={config.num_image_tokens}")
+    return 0
+
+
+def _cmd_connectors(args) -> int:
+    from cvlm.registry import connector_table
+
+    rows = connector_table(grid=tuple(args.grid), vision_hidden=args.vision_hidden, text_hidden=args.text_hidden)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<12} {'family':<12} {'tokens':>6} {'params':>10}  (grid {args.grid[0]}x{args.grid[1]}, "
+          f"C={args.vision_hidden}, D={args.text_hidden})")
+    for row in rows:
+        print(f"{row['name']:<12} {row['family']:<12} {row['num_tokens']:>6} {row['params']:>10,}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from cvlm.generate import generate
+
+    from cvlm.generate import demo_image
+
+    images = list(args.image or []) + ([demo_image()] if args.demo_image else [])
+    for answer in generate(args.model, args.prompt, images=images, max_new_tokens=args.max_new_tokens):
+        print(repr(answer))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="build a model from a vision encoder + LM + connector and save it")
+    p.add_argument("--vision", default="tiny-clip", help="Hub id, local folder, or tiny-clip / tiny-siglip")
+    p.add_argument("--llm", default="tiny-llama", help="Hub id, local folder, or tiny-llama / tiny-qwen2")
+    p.add_argument("--connector", default="mlp", help="a registered connector (see `cvlm connectors`)")
+    p.add_argument("--connector-arg", "--connector_arg", action="append", type=_connector_arg, metavar="KEY=VALUE",
+                   help="a connector hyper-parameter; repeat for several")
+    p.add_argument("--image-size", "--image_size", type=int, help="square input size (pretrained encoders: position embeddings interpolated)")
+    p.add_argument("--feature-layer", "--feature_layer", type=int, nargs="+",
+                   help="vision hidden-state index (default -2); several are concatenated along channels")
+    p.add_argument("--select-strategy", "--select_strategy", choices=["default", "full"], default="default",
+                   help="default drops the encoder's CLS/register tokens; full keeps them")
+    p.add_argument("--seed", type=int, default=0, help="seed of the connector's (and presets') initialisation")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--output", required=True, help="folder to write the checkpoint to")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("connectors", help="list the connector registry")
+    p.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    p.add_argument("--grid", type=int, nargs=2, default=[24, 24], metavar=("H", "W"), help="patch grid (default 24 24)")
+    p.add_argument("--vision-hidden", "--vision_hidden", type=int, default=1024, help="encoder width C (default 1024)")
+    p.add_argument("--text-hidden", "--text_hidden", type=int, default=4096, help="LM width D (default 4096)")
+    p.set_defaults(func=_cmd_connectors)
+
+    p = sub.add_parser("generate", help="answer a prompt about an image with a checkpoint")
+    p.add_argument("model", help="checkpoint folder or Hub id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--image", action="append", help="image file; repeat for several (omit for text only)")
+    p.add_argument("--demo-image", "--demo_image", action="store_true", help="add a built-in test picture")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=32)
+    p.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        print(f"cvlm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Answering prompts with any checkpoint of the family, through the Auto classes users take."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+
+def demo_image(size: int = 64) -> Image.Image:
+    """A deterministic test picture: a blue background with a red square and a yellow disc."""
+    image = Image.new("RGB", (size, size), (40, 70, 200))
+    pixels = image.load()
+    for y in range(size):
+        for x in range(size):
+            if size // 8 <= x < size // 2 and size // 8 <= y < size // 2:
+                pixels[x, y] = (220, 30, 30)
+            elif (x - 3 * size // 4) ** 2 + (y - 3 * size // 4) ** 2 < (size // 8) ** 2:
+                pixels[x, y] = (240, 220, 40)
+    return image
+
+
+def load(model_id: str, dtype=torch.float32):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    return model.eval(), processor
+
+
+def generate(model_id: str, prompt: str, images=None, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to one prompt about `images` (paths or PIL images; None for text only)."""
+    model, processor = load(model_id)
+    images = [Image.open(i).convert("RGB") if isinstance(i, str) else i for i in (images or [])]
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images or None, text=text, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)

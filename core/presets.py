@@ -1,0 +1,105 @@
+"""Tiny backbones built locally, for tests and the offline default run: never downloaded.
+
+Vision presets: `tiny-clip`, `tiny-siglip`. LM presets: `tiny-llama`, `tiny-qwen2`, sharing one
+byte-level BPE tokenizer trained here with `tokenizers` on a small fixed corpus (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+)
+
+IMAGE_TOKEN = "<image>"
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
+TINY_IMAGE_SIZE = 32
+TINY_PATCH_SIZE = 8
+
+# ChatML over plain-string contents; the processor's template flattens image/text parts into it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_VISION = {
+    "tiny-clip": (CLIPVisionConfig, CLIPImageProcessorPil, {}),
+    "tiny-siglip": (SiglipVisionConfig, SiglipImageProcessorPil, {"vision_use_head": False}),
+}
+_LM = {
+    "tiny-llama": (LlamaConfig, {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "tiny-qwen2": (Qwen2Config, {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+}
+VISION_PRESETS = tuple(_VISION)
+LM_PRESETS = tuple(_LM)
+
+
+def _corpus() -> list[str]:
+    colours = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "gray", "pink"]
+    shapes = ["circle", "square", "triangle", "ring", "star", "cross", "digit", "letter", "object", "patch"]
+    places = ["left", "right", "top", "bottom", "center", "corner", "above", "below", "next to", "inside"]
+    lines = []
+    for i, colour in enumerate(colours):
+        for j, shape in enumerate(shapes):
+            place = places[(i + j) % len(places)]
+            lines.append(f"What colour is the {shape}? The {shape} is {colour}.")
+            lines.append(f"Is there a {colour} {shape} {place} the image? Yes. No. There are {i + j} of them.")
+            lines.append(f"Describe the image: a {colour} background with a small {shape} at the {place}.")
+    lines += [" ".join(str(n) for n in range(100)), "A. B. C. D. (A) (B) (C) (D) Answer with the option's letter."]
+    return lines
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 512-entry byte-level BPE tokenizer with `<image>` and ChatML tokens, trained in ~0.1 s."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    hf.chat_template = CHATML_TEMPLATE
+    return hf
+
+
+def tiny_vision(name: str, image_size: int | None = None, seed: int = 0):
+    """(vision model, image processor) of a tiny random ViT: width 32, 4 layers, 8-px patches."""
+    config_cls, processor_cls, extra = _VISION[name]
+    size = image_size or TINY_IMAGE_SIZE
+    config = config_cls(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        image_size=size, patch_size=TINY_PATCH_SIZE, **extra,
+    )
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    if processor_cls is CLIPImageProcessorPil:
+        processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    else:
+        processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+    return model, processor
+
+
+def tiny_lm(name: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0):
+    """A tiny random causal LM over `tokenizer`'s vocabulary: width 64, 2 layers, 4 heads."""
+    config_cls, extra = _LM[name]
+    config = config_cls(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)

@@ -1,0 +1,34 @@
+"""The connector registry as a table: name, family, Q for a grid, parameters (`cvlm connectors`)."""
+
+from __future__ import annotations
+
+import torch
+
+from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
+
+
+def connector_table(grid=(24, 24), vision_hidden: int = 1024, text_hidden: int = 4096, patch_size: int = 14,
+                    num_encoder_layers: int = 24) -> list[dict]:
+    """One row per registered connector with its default hyper-parameters, for a ViT of width
+    `vision_hidden` and `num_encoder_layers` layers on a `grid` of patches, and an LM of width
+    `text_hidden` (defaults: CLIP-L/14 at 336 px into a 7B LM, the connector paper's setting)."""
+    grid_h, grid_w = grid
+    vision = {
+        "model_type": "clip_vision_model", "hidden_size": vision_hidden, "num_attention_heads": 1,
+        "num_hidden_layers": num_encoder_layers, "patch_size": patch_size,
+        "image_size": grid_h * patch_size if grid_h == grid_w else [grid_h * patch_size, grid_w * patch_size],
+    }
+    text = {"model_type": "llama", "hidden_size": text_hidden, "num_attention_heads": 1, "vocab_size": 32}
+    rows = []
+    for name, cls in CONNECTORS.items():
+        config = ConnectorVLMConfig(vision_config=vision, text_config=text, connector_type=name)
+        with torch.device("meta"):  # counts parameters without allocating them
+            params = sum(p.numel() for p in cls(config).parameters())
+        rows.append({
+            "name": name,
+            "family": cls.family,
+            "num_tokens": config.num_image_tokens,
+            "params": params,
+            "hyper_parameters": config.connector_config,
+        })
+    return rows

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark loaders, metric modules and the granularity breakdown (cvlm eval)."""

@@ -1,0 +1,201 @@
+"""Vision encoder -> connector -> causal LM, composed from Auto classes (any encoder x any LM)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+
+from .configuration_connector_vlm import ConnectorVLMConfig
+
+
+class ConnectorVLMPreTrainedModel(PreTrainedModel):
+    config_class = ConnectorVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
+    """The vision tower, the connector and the LM body (no LM head)."""
+
+    def __init__(self, config: ConnectorVLMConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.connector = config.connector_class(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def select_vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's hidden states of the layers the connector reads, prefix tokens removed under
+        the "default" strategy: a list of [B, N, C] tensors."""
+        config = self.config
+        expected = config.vision_image_size
+        if tuple(pixel_values.shape[-2:]) != expected:
+            raise ValueError(
+                f"pixel_values are {tuple(pixel_values.shape[-2:])} (HxW) but the vision encoder is configured "
+                f"for {expected}. Prepare images with this checkpoint's processor (AutoProcessor)."
+            )
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True)
+        selected = [outputs.hidden_states[i] for i in config.connector_vision_layers]
+        grid_h, grid_w = config.vision_grid
+        num_patches, num_prefix = grid_h * grid_w, config.num_vision_prefix_tokens
+        seq_len = selected[0].shape[1]
+        if seq_len != num_patches + num_prefix:
+            raise ValueError(
+                f"The vision encoder returned {seq_len} tokens per image; the config expects {num_patches} patches "
+                f"({grid_h}x{grid_w}) + {num_prefix} prefix tokens. This encoder's prefix tokens are not known "
+                "to connector-vlm: use vision_feature_select_strategy='full' or report the encoder."
+            )
+        if config.vision_feature_select_strategy == "default" and num_prefix:
+            selected = [h[:, num_prefix:] for h in selected]  # [B, prefix + P, C] -> [B, P, C]
+        return selected
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Encodes images once; `pooler_output` is a list of per-image [Q, D] connector outputs."""
+        features = self.connector(self.select_vision_features(pixel_values))  # [B, Q, D]
+        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
+
+    def merge_image_features(self, input_ids, inputs_embeds, image_features: torch.Tensor) -> torch.Tensor:
+        """Writes the [n_images * Q, D] features into the <image> positions (one masked_scatter)."""
+        image_token_id = self.config.image_token_id
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == image_token_id
+        n_tokens, n_features = int(mask.sum()), image_features.shape[0]
+        if n_tokens != n_features:
+            q = self.config.num_image_tokens
+            raise ValueError(
+                f"The prompt has {n_tokens} <image> tokens but the images give {n_features} features "
+                f"({n_features // max(q, 1)} image(s) x {q} tokens). Likely causes: a prompt without <image> "
+                "(use the processor or its chat template), a prompt truncated through the image tokens "
+                "(raise max_length), or text expanded by another processor."
+            )
+        mask = mask.unsqueeze(-1).to(inputs_embeds.device)
+        return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ) -> MultimodalBaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values)
+        if image_outputs is not None:
+            image_features = torch.cat(list(image_outputs.pooler_output), dim=0)  # n_images x [Q, D] -> [n*Q, D]
+            inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
+        elif input_ids is not None and cache is None and bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(
+                "The prompt has <image> tokens but no pixel_values were given: pass the images the prompt refers to."
+            )
+        if cache is not None:
+            kwargs["cache"] = cache
+        outputs = self.language_model(
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+        )
+        return MultimodalBaseModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+        )
+
+
+class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, GenerationMixin):
+    """The full model: `generate` encodes the image once, at prefill, then decodes with the KV cache."""
+
+    def __init__(self, config: ConnectorVLMConfig):
+        super().__init__(config)
+        self.model = ConnectorVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Tie to whatever the LM calls its input embeddings (embed_tokens, wte, ...).
+        embed = self.model.language_model.get_input_embeddings()
+        embed_name = next(n for n, m in self.model.language_model.named_modules() if m is embed)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{embed_name}.weight"}
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        **kwargs,
+    ) -> MultimodalCausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            # ForCausalLMLoss shifts the labels itself; kwargs carry Trainer's num_items_in_batch.
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return MultimodalCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+        )
+
+
+__all__ = ["ConnectorVLMForConditionalGeneration", "ConnectorVLMModel", "ConnectorVLMPreTrainedModel"]

@@ -1,0 +1,1 @@
+"""Training: Trainer + peft LoRA on LLaVA-format data (cvlm train)."""
