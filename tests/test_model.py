@@ -1,0 +1,217 @@
+"""Behaviour of the composite model: batching, KV cache, dtypes, attention backends, merging."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from cvlm.build import save_checkpoint
+from helpers import COMBO_IDS, COMBOS, chat_prompt, greedy_no_cache, model_inputs, picture
+
+QUESTIONS = ("What colour is the square?", "Is there a small red circle at the top left corner of the image?")
+COLOURS = ((200, 30, 30), (30, 200, 90))
+
+
+@pytest.fixture(scope="module")
+def saved(built, tmp_path_factory):
+    model, processor = built("tiny-clip", "tiny-llama", "mlp")
+    return save_checkpoint(model, processor, tmp_path_factory.mktemp("ckpt") / "tiny-mlp")
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
+def test_left_padded_batch_equals_each_prompt_alone(built, combo):
+    model, processor = built(*combo)
+    assert processor.tokenizer.padding_side == "left"
+    batch = model_inputs(processor, QUESTIONS, COLOURS)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1]
+    with torch.no_grad():
+        batch_logits = model(**batch).logits
+        batch_out = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    for i, (question, colour) in enumerate(zip(QUESTIONS, COLOURS)):
+        alone = model_inputs(processor, (question,), (colour,))
+        n = alone["input_ids"].shape[1]
+        assert n == lengths[i]
+        with torch.no_grad():
+            alone_logits = model(**alone).logits
+            alone_out = model.generate(**alone, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        torch.testing.assert_close(batch_logits[i, width - n:], alone_logits[0], atol=1e-5, rtol=1e-4)
+        assert torch.equal(batch_out[i, width:], alone_out[0, n:])
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
+def test_kv_cache_generate_equals_no_cache_greedy_loop(built, combo):
+    model, processor = built(*combo)
+    inputs = model_inputs(processor, QUESTIONS, COLOURS)
+    with torch.no_grad():
+        cached = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(cached, greedy_no_cache(model, inputs, 6))
+
+
+def test_generate_encodes_the_image_once(built):
+    model, processor = built()
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            model.generate(**model_inputs(processor), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_and_bf16_both_run(saved, dtype, built):
+    _, processor = built()
+    model = AutoModelForImageTextToText.from_pretrained(saved, trust_remote_code=True, dtype=dtype).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 4
+
+
+def test_bf16_logits_close_to_fp32(saved, built):
+    _, processor = built()
+    inputs = model_inputs(processor)
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForImageTextToText.from_pretrained(saved, trust_remote_code=True, dtype=dtype).eval()
+        with torch.no_grad():
+            logits[dtype] = model(**inputs).logits.float()
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.05, rtol=0.05)
+
+
+def test_sdpa_and_eager_agree(saved, built):
+    _, processor = built()
+    inputs = model_inputs(processor, QUESTIONS, COLOURS)
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        model = AutoModelForImageTextToText.from_pretrained(
+            saved, trust_remote_code=True, dtype=torch.float32, attn_implementation=impl
+        ).eval()
+        assert model.config.text_config._attn_implementation == impl
+        assert model.config.vision_config._attn_implementation == impl
+        with torch.no_grad():
+            logits[impl] = model(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    torch.testing.assert_close(logits["sdpa"][mask], logits["eager"][mask], atol=1e-5, rtol=1e-4)
+
+
+def test_text_only_prompt_runs_without_images(built):
+    model, processor = built()
+    text = processor.apply_chat_template([{"role": "user", "content": "Say a colour."}], add_generation_prompt=True)
+    inputs = processor(text=[text], return_tensors="pt")
+    assert "pixel_values" not in inputs
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_precomputed_image_features_give_the_same_logits(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"])
+        direct = model(**inputs).logits
+        reused = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                       mm_encoder_outputs={"image": features}).logits
+    assert torch.equal(direct, reused)
+    assert len(features.pooler_output) == 1
+    assert tuple(features.pooler_output[0].shape) == (model.config.num_image_tokens, model.config.text_config.hidden_size)
+
+
+def test_inputs_embeds_path_equals_input_ids_path(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        by_ids = model(**inputs).logits
+        by_embeds = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"],
+                          pixel_values=inputs["pixel_values"]).logits
+    torch.testing.assert_close(by_embeds, by_ids, atol=1e-6, rtol=1e-6)
+
+
+def test_labels_give_the_shifted_causal_lm_loss(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    labels = inputs["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100
+    with torch.no_grad():
+        out = model(**inputs, labels=labels)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[0, :-1], labels[0, 1:], ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+# ---- bad input: clear messages --------------------------------------------------------------------
+def test_truncated_image_tokens_name_both_counts(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    q = model.config.num_image_tokens
+    first = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    cut = {k: v[:, : first + 5] if k != "pixel_values" else v for k, v in inputs.items()}
+    with pytest.raises(ValueError) as info:
+        model(**cut)
+    assert str(info.value).startswith(f"The prompt has 5 <image> tokens but the images give {q} features (1 image(s) x {q} tokens).")
+    assert "truncated" in str(info.value)
+
+
+def test_image_tokens_without_pixel_values_are_refused(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with pytest.raises(ValueError, match="The prompt has <image> tokens but no pixel_values were given"):
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+
+def test_pixel_values_of_the_wrong_size_are_refused(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with pytest.raises(ValueError) as info:
+        model(**{**inputs, "pixel_values": torch.zeros(1, 3, 48, 48)})
+    assert str(info.value) == (
+        "pixel_values are (48, 48) (HxW) but the vision encoder is configured for (32, 32). "
+        "Prepare images with this checkpoint's processor (AutoProcessor)."
+    )
+
+
+def test_processor_expands_each_image_to_q_tokens(built):
+    model, processor = built()
+    q = model.config.num_image_tokens
+    assert processor.num_image_tokens == q
+    two = processor(images=[picture((1, 2, 3)), picture((4, 5, 6))],
+                    text=[chat_prompt(processor, "Same colour?", n_images=2)], return_tensors="pt")
+    assert int((two["input_ids"] == model.config.image_token_id).sum()) == 2 * q
+    assert tuple(two["pixel_values"].shape) == (2, 3, 32, 32)
+
+
+def test_processor_names_the_sample_that_differs(built):
+    _, processor = built()
+    texts = [chat_prompt(processor, "first"), chat_prompt(processor, "second", n_images=0)]
+    with pytest.raises(ValueError) as info:
+        processor(images=[picture((1, 1, 1)), picture((2, 2, 2))], text=texts, padding=True)
+    assert str(info.value) == (
+        "2 images for 2 samples, one each, but sample 1 has 0 <image> token(s). "
+        "Put exactly one <image> in each sample's text."
+    )
+    with pytest.raises(ValueError) as info:
+        processor(images=[[picture((1, 1, 1))], [picture((2, 2, 2))]], text=texts, padding=True)
+    assert str(info.value) == (
+        "Sample 1 has 0 <image> token(s) but 1 image(s). Put one <image> in the text for each image of that sample."
+    )
+    with pytest.raises(ValueError) as info:
+        processor(images=[picture((1, 1, 1))] * 3, text=texts, padding=True)
+    assert str(info.value).startswith("The text has 1 <image> token(s) in all (per sample: [1, 0]) but 3 image(s)")
+
+
+def test_processor_refuses_a_missing_token_count(built):
+    from cvlm.modeling import ConnectorVLMProcessor
+
+    _, processor = built()
+    with pytest.raises(ValueError, match=r"num_image_tokens=None is invalid: pass the model config's num_image_tokens"):
+        ConnectorVLMProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
