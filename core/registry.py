@@ -32,3 +32,14 @@ def connector_table(grid=(24, 24), vision_hidden: int = 1024, text_hidden: int =
             "hyper_parameters": config.connector_config,
         })
     return rows
+
+
+def connector_markdown(**kwargs) -> str:
+    """The registry as the Markdown table the README shows (`cvlm connectors --markdown`)."""
+    rows = connector_table(**kwargs)
+    lines = ["| connector | family | visual tokens Q | parameters | hyper-parameters (defaults) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        hyper = ", ".join(f"`{k}={v}`" for k, v in row["hyper_parameters"].items()) or "none"
+        lines.append(f"| `{row['name']}` | {row['family']} | {row['num_tokens']} | {row['params']:,} | {hyper} |")
+    return "\n".join(lines)

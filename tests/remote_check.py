@@ -1,6 +1,7 @@
 """Loads checkpoints the way a stranger does, in a process where connector-vlm cannot be imported.
 
-Usage: python remote_check.py JOB.json
+Usage: python remote_check.py JOB.json     (what the tests run)
+       python remote_check.py FOLDER       (one checkpoint: load it and answer a question about a picture)
 JOB.json: {"checkpoints": [{"path": ..., "inputs": "inputs.safetensors", "output": "out.safetensors"}],
            "max_new_tokens": 5}
 For each checkpoint: AutoConfig / AutoModel / AutoModelForImageTextToText / AutoProcessor with
@@ -72,5 +73,29 @@ def main(job_path: str) -> None:
         print(f"ok {path}: {type(model).__name__} from {type(model).__module__}")
 
 
+def answer(folder: str) -> None:
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    try:
+        import cvlm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("connector-vlm is importable here; the check would prove nothing")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=[Image.new("RGB", (64, 64), (200, 30, 30))], text=[text], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:]
+    assert len(new) == 8, out
+    print(f"{type(model).__module__}: {processor.decode(new, skip_special_tokens=True)!r}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    answer(sys.argv[1]) if os.path.isdir(sys.argv[1]) else main(sys.argv[1])
