@@ -215,3 +215,17 @@ def test_processor_refuses_a_missing_token_count(built):
     _, processor = built()
     with pytest.raises(ValueError, match=r"num_image_tokens=None is invalid: pass the model config's num_image_tokens"):
         ConnectorVLMProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+
+
+def test_every_auto_class_in_auto_map_loads_the_generation_class(saved, built):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+        loaded = auto.from_pretrained(saved, trust_remote_code=True, dtype=torch.float32).eval()
+        assert type(loaded).__name__ == "ConnectorVLMForConditionalGeneration", auto.__name__
+        with torch.no_grad():
+            assert torch.equal(loaded(**inputs).logits, expected), auto.__name__
