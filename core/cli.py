@@ -45,7 +45,7 @@ def _cmd_connectors(args) -> int:
     from cvlm.registry import connector_markdown, connector_table
 
     if args.markdown:
-        print(connector_markdown(grid=tuple(args.grid), vision_hidden=args.vision_hidden, text_hidden=args.text_hidden))
+        print(connector_markdown(vision_hidden=args.vision_hidden, text_hidden=args.text_hidden))
         return 0
     rows = connector_table(grid=tuple(args.grid), vision_hidden=args.vision_hidden, text_hidden=args.text_hidden)
     if args.json:
@@ -91,7 +91,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("connectors", help="list the connector registry")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    p.add_argument("--markdown", action="store_true", help="print the Markdown table the README shows")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the README's table (CLIP-L/14 at 224/336/448 px; --grid is not used)")
     p.add_argument("--grid", type=int, nargs=2, default=[24, 24], metavar=("H", "W"), help="patch grid (default 24 24)")
     p.add_argument("--vision-hidden", "--vision_hidden", type=int, default=1024, help="encoder width C (default 1024)")
     p.add_argument("--text-hidden", "--text_hidden", type=int, default=4096, help="LM width D (default 4096)")

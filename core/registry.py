@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
@@ -34,12 +36,19 @@ def connector_table(grid=(24, 24), vision_hidden: int = 1024, text_hidden: int =
     return rows
 
 
-def connector_markdown(**kwargs) -> str:
-    """The registry as the Markdown table the README shows (`cvlm connectors --markdown`)."""
-    rows = connector_table(**kwargs)
-    lines = ["| connector | family | visual tokens Q | parameters | hyper-parameters (defaults) |",
-             "|---|---|---|---|---|"]
-    for row in rows:
-        hyper = ", ".join(f"`{k}={v}`" for k, v in row["hyper_parameters"].items()) or "none"
-        lines.append(f"| `{row['name']}` | {row['family']} | {row['num_tokens']} | {row['params']:,} | {hyper} |")
+def connector_markdown(image_sizes=(224, 336, 448), patch_size: int = 14, vision_hidden: int = 1024,
+                       text_hidden: int = 4096) -> str:
+    """The registry as the README's Markdown table (`cvlm connectors --markdown`): Q for a
+    CLIP-ViT-L/14 encoder at several input sizes, parameters for CLIP-L into a 4096-wide LM."""
+    by_size = [connector_table(grid=(size // patch_size,) * 2, vision_hidden=vision_hidden, text_hidden=text_hidden,
+                               patch_size=patch_size) for size in image_sizes]
+    q_heads = " | ".join(f"Q @{size}px" for size in image_sizes)
+    lines = [f"| connector | family | Q | {q_heads} | parameters | defaults | from |",
+             "|---|---|---|" + "---|" * len(image_sizes) + "---|---|---|"]
+    for i, name in enumerate(CONNECTORS):
+        row = by_size[1][i] if len(by_size) > 1 else by_size[0][i]
+        cls = CONNECTORS[name]
+        qs = " | ".join(str(table[i]["num_tokens"]) for table in by_size)
+        hyper = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in row["hyper_parameters"].items()) or "none"
+        lines.append(f"| `{name}` | {cls.family} | {cls.formula} | {qs} | {row['params']:,} | {hyper} | {cls.source} |")
     return "\n".join(lines)

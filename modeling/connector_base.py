@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 CONNECTORS: dict[str, type["Connector"]] = {}
 FAMILIES = ("preserving", "compressing")
@@ -49,6 +50,9 @@ class Connector(nn.Module):
     name: str = ""
     family: str = "preserving"
     defaults: dict = {}
+    formula: str = "P"  # Q in terms of P patches (h x w grid), for the docs table
+    source: str = ""  # the paper or project the connector comes from
+    needs_grid: bool = False  # True: reshapes tokens to the h x w patch grid (no prefix tokens)
 
     def __init__(self, config):
         super().__init__()
@@ -92,6 +96,11 @@ class Connector(nn.Module):
     @classmethod
     def check_grid(cls, grid_h: int, grid_w: int, num_prefix_tokens: int = 0, **hyper) -> None:
         """Raise ValueError when this connector cannot handle the grid."""
+        if cls.needs_grid and num_prefix_tokens:
+            raise ValueError(
+                f"The {cls.name!r} connector works on the patch grid and cannot take the encoder's "
+                f"{num_prefix_tokens} prefix token(s): use vision_feature_select_strategy='default'."
+            )
 
     # ---- helpers for subclasses ------------------------------------------------------------------
     @staticmethod
@@ -99,5 +108,69 @@ class Connector(nn.Module):
         # k x [B, N, C] -> [B, N, k*C] (LLaVA's multi-layer features)
         return hidden_states[0] if len(hidden_states) == 1 else torch.cat(hidden_states, dim=-1)
 
+    def to_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        # [B, h*w, C] -> [B, C, h, w] (row-major patches)
+        grid_h, grid_w = self.grid
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid_h, grid_w)
+
+    @staticmethod
+    def from_grid(grid: torch.Tensor) -> torch.Tensor:
+        # [B, C, h, w] -> [B, h*w, C]
+        return grid.flatten(2).transpose(1, 2)
+
+    def reset_extra_parameters(self, std: float) -> None:
+        """Initialise parameters that are not inside Linear/Conv/Norm modules (e.g. learned queries)."""
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def mlp_projection(in_features: int, out_features: int, depth: int = 2, act: str = "gelu", bias: bool = True):
+    """Linear(in -> out) followed by (depth - 1) x [act, Linear(out -> out)] (LLaVA-1.5's mlp2x_gelu at depth 2)."""
+    layers = [nn.Linear(in_features, out_features, bias=bias)]
+    for _ in range(depth - 1):
+        layers += [ACT2FN[act], nn.Linear(out_features, out_features, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+def check_mlp_hyper(name: str, hyper: dict) -> None:
+    """Validates the `depth` / `act` hyper-parameters shared by every connector with an MLP."""
+    if not isinstance(hyper["depth"], int) or hyper["depth"] < 1:
+        raise ValueError(f"connector_config depth={hyper['depth']!r} is invalid for {name!r}: use an integer >= 1.")
+    if hyper["act"] not in ACT2FN:
+        raise ValueError(
+            f"connector_config act={hyper['act']!r} is not an activation transformers knows. "
+            f"Allowed values: {', '.join(sorted(ACT2FN))}."
+        )
+
+
+def check_positive_int(name: str, key: str, value, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"connector_config {key}={value!r} is invalid for {name!r}: use an integer >= {minimum}.")
+
+
+def pooled_grid(name: str, grid_h: int, grid_w: int, hyper: dict) -> tuple[int, int]:
+    """The output grid of a pooling connector, from `output_grid` (an int for a square, or [h, w])
+    or `stride` (the grid divided by it); with neither, half the patch grid each way (Q = P/4)."""
+    value, stride = hyper.get("output_grid"), hyper.get("stride")
+    if value is not None and stride is not None:
+        raise ValueError(f"connector_config sets both output_grid={value!r} and stride={stride!r} for {name!r}: set one.")
+    if stride is not None:
+        check_positive_int(name, "stride", stride)
+        if grid_h % stride or grid_w % stride:
+            raise ValueError(
+                f"connector_config stride={stride} does not divide the {grid_h}x{grid_w} patch grid for {name!r}: "
+                f"use a stride that divides both sides, or output_grid."
+            )
+        return grid_h // stride, grid_w // stride
+    if value is None:
+        return max(1, grid_h // 2), max(1, grid_w // 2)
+    out = (value, value) if isinstance(value, int) else tuple(value)
+    if len(out) != 2 or not all(isinstance(v, int) and v >= 1 for v in out):
+        raise ValueError(f"connector_config output_grid={value!r} is invalid for {name!r}: use an int, [h, w] or null.")
+    if out[0] > grid_h or out[1] > grid_w:
+        raise ValueError(
+            f"connector_config output_grid={value!r} is larger than the {grid_h}x{grid_w} patch grid: "
+            f"{name!r} compresses, so pick at most {grid_h}x{grid_w}."
+        )
+    return out

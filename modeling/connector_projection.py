@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .connector_base import Connector, register_connector
+from .connector_base import Connector, check_mlp_hyper, check_positive_int, mlp_projection, register_connector
 
 
 @register_connector("linear")
@@ -14,6 +14,7 @@ class LinearConnector(Connector):
 
     family = "preserving"
     defaults = {"bias": True}
+    source = "LLaVA (arXiv 2304.08485)"
 
     def __init__(self, config):
         super().__init__(config)
@@ -31,25 +32,44 @@ class MLPConnector(Connector):
 
     family = "preserving"
     defaults = {"depth": 2, "act": "gelu", "bias": True}
+    source = "LLaVA-1.5 (arXiv 2310.03744)"
 
     @classmethod
     def check_hyper(cls, hyper):
-        if not isinstance(hyper["depth"], int) or hyper["depth"] < 1:
-            raise ValueError(f"connector_config depth={hyper['depth']!r} is invalid for 'mlp': use an integer >= 1.")
-        if hyper["act"] not in ACT2FN:
+        check_mlp_hyper(cls.name, hyper)
+
+    def __init__(self, config):
+        super().__init__(config)
+        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
+        self.layers = mlp_projection(in_features, self.text_hidden_size, **self.hyper)
+
+    def forward(self, hidden_states):
+        return self.layers(self.concat_channels(hidden_states))  # [B, N, k*C] -> [B, N, D]
+
+
+@register_connector("lowrank")
+class LowRankConnector(Connector):
+    """Linear(k*C -> r, no bias) then [act] then Linear(r -> D): r(kC + D) parameters instead of kC*D."""
+
+    family = "preserving"
+    defaults = {"rank": 256, "act": None}
+    source = "low-rank factorisation of the linear projector"
+
+    @classmethod
+    def check_hyper(cls, hyper):
+        check_positive_int(cls.name, "rank", hyper["rank"])
+        if hyper["act"] is not None and hyper["act"] not in ACT2FN:
             raise ValueError(
-                f"connector_config act={hyper['act']!r} is not an activation transformers knows. "
+                f"connector_config act={hyper['act']!r} is not an activation transformers knows (or null). "
                 f"Allowed values: {', '.join(sorted(ACT2FN))}."
             )
 
     def __init__(self, config):
         super().__init__(config)
         in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        width, bias = self.text_hidden_size, self.hyper["bias"]
-        layers = [nn.Linear(in_features, width, bias=bias)]
-        for _ in range(self.hyper["depth"] - 1):
-            layers += [ACT2FN[self.hyper["act"]], nn.Linear(width, width, bias=bias)]
-        self.layers = nn.Sequential(*layers)
+        self.down = nn.Linear(in_features, self.hyper["rank"], bias=False)
+        self.act = ACT2FN[self.hyper["act"]] if self.hyper["act"] else nn.Identity()
+        self.up = nn.Linear(self.hyper["rank"], self.text_hidden_size)
 
     def forward(self, hidden_states):
-        return self.layers(self.concat_channels(hidden_states))  # [B, N, k*C] -> [B, N, D]
+        return self.up(self.act(self.down(self.concat_channels(hidden_states))))  # [B, N, kC] -> [B, N, r] -> [B, N, D]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
@@ -12,6 +14,15 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_connector_vlm import ConnectorVLMConfig
+from .connector_base import Connector
+
+
+@dataclass
+class ConnectorVLMImageOutput(BaseModelOutputWithPooling):
+    """`pooler_output`: per-image [Q, D] connector outputs. `aux_loss`: the connector's auxiliary
+    training loss (the MoE router's balance + z-loss, already weighted), added to the LM loss."""
+
+    aux_loss: torch.FloatTensor | None = None
 
 
 class ConnectorVLMPreTrainedModel(PreTrainedModel):
@@ -23,6 +34,11 @@ class ConnectorVLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Connector):  # learned queries and other bare parameters
+            module.reset_extra_parameters(getattr(self.config.get_text_config(), "initializer_range", 0.02))
 
 
 class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
@@ -66,10 +82,12 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
             selected = [h[:, num_prefix:] for h in selected]  # [B, prefix + P, C] -> [B, P, C]
         return selected
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> ConnectorVLMImageOutput:
         """Encodes images once; `pooler_output` is a list of per-image [Q, D] connector outputs."""
         features = self.connector(self.select_vision_features(pixel_values))  # [B, Q, D]
-        return BaseModelOutputWithPooling(last_hidden_state=features, pooler_output=list(features))
+        return ConnectorVLMImageOutput(
+            last_hidden_state=features, pooler_output=list(features), aux_loss=getattr(self.connector, "aux_loss", None)
+        )
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features: torch.Tensor) -> torch.Tensor:
         """Writes the [n_images * Q, D] features into the <image> positions (one masked_scatter)."""
@@ -155,7 +173,7 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> ConnectorVLMImageOutput:
         return self.model.get_image_features(pixel_values, **kwargs)
 
     def forward(
@@ -188,6 +206,9 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
         if labels is not None:
             # ForCausalLMLoss shifts the labels itself; kwargs carry Trainer's num_items_in_batch.
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+            aux_loss = getattr(outputs.image_outputs, "aux_loss", None)
+            if aux_loss is not None:
+                loss = loss + aux_loss.to(loss.dtype)
         return MultimodalCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -198,4 +219,9 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
         )
 
 
-__all__ = ["ConnectorVLMForConditionalGeneration", "ConnectorVLMModel", "ConnectorVLMPreTrainedModel"]
+__all__ = [
+    "ConnectorVLMForConditionalGeneration",
+    "ConnectorVLMImageOutput",
+    "ConnectorVLMModel",
+    "ConnectorVLMPreTrainedModel",
+]

@@ -210,4 +210,4 @@ def test_readme_connector_table_is_the_registry():
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- connectors-table -->\n", 1)[1].split("\n<!-- /connectors-table -->", 1)[0]
-    assert table == connector_markdown(grid=(24, 24), vision_hidden=1024, text_hidden=4096)
+    assert table == connector_markdown(), "README table is stale: paste the output of `cvlm connectors --markdown`"
