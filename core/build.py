@@ -67,10 +67,19 @@ def _dtype(dtype):
 
 
 # ---- vision encoder ------------------------------------------------------------------------------
-def load_vision(spec: str, image_size: int | None = None, dtype="auto", seed: int = 0):
+def _preset_size(spec: str, presets, **size) -> dict:
+    """Width/depth overrides apply to the tiny presets only."""
+    size = {k: v for k, v in size.items() if v is not None}
+    if size and spec not in presets:
+        raise ValueError(f"{', '.join(size)} resize the tiny presets only; {spec!r} has its own architecture.")
+    return size
+
+
+def load_vision(spec: str, image_size: int | None = None, dtype="auto", seed: int = 0, width=None, layers=None):
     """(vision model, image processor) from a preset name, a Hub id or a local folder."""
+    size = _preset_size(spec, VISION_PRESETS, width=width, layers=layers)
     if spec in VISION_PRESETS:
-        return tiny_vision(spec, image_size=image_size, seed=seed)
+        return tiny_vision(spec, image_size=image_size, seed=seed, **size)
     config = AutoConfig.from_pretrained(spec)
     vision_config = getattr(config, "vision_config", None) or config  # a full CLIP/SigLIP -> its vision tower
     try:
@@ -122,11 +131,12 @@ def resize_vision(model, processor, image_size: int):
 
 
 # ---- language model ------------------------------------------------------------------------------
-def load_lm(spec: str, dtype="auto", seed: int = 0):
+def load_lm(spec: str, dtype="auto", seed: int = 0, width=None, layers=None):
     """(causal LM, tokenizer with <image>, generation config) from a preset, a Hub id or a folder."""
+    size = _preset_size(spec, LM_PRESETS, width=width, layers=layers)
     if spec in LM_PRESETS:
         tokenizer = tiny_tokenizer()
-        lm = tiny_lm(spec, tokenizer, seed=seed)
+        lm = tiny_lm(spec, tokenizer, seed=seed, **size)
         generation_config = GenerationConfig.from_model_config(lm.config)
     else:
         tokenizer = AutoTokenizer.from_pretrained(spec)
@@ -156,11 +166,16 @@ def build_model(
     select_strategy: str = "default",
     seed: int = 0,
     dtype="auto",
+    vision_width: int | None = None,
+    vision_layers: int | None = None,
+    llm_width: int | None = None,
+    llm_layers: int | None = None,
 ):
     """A ConnectorVLMForConditionalGeneration with the backbones' weights and a seeded, freshly
-    initialised connector, and its ConnectorVLMProcessor."""
-    vision_model, image_processor = load_vision(vision, image_size=image_size, dtype=dtype, seed=seed)
-    lm, tokenizer, generation_config = load_lm(llm, dtype=dtype, seed=seed)
+    initialised connector, and its ConnectorVLMProcessor. `vision_width`, `vision_layers`,
+    `llm_width`, `llm_layers` resize the tiny presets (e.g. for benchmarks)."""
+    vision_model, image_processor = load_vision(vision, image_size, dtype, seed, vision_width, vision_layers)
+    lm, tokenizer, generation_config = load_lm(llm, dtype, seed, llm_width, llm_layers)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = ConnectorVLMConfig(
         vision_config=vision_model.config.to_dict(),

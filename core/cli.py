@@ -69,6 +69,29 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_bench_connectors(args) -> int:
+    import platform
+
+    import torch
+
+    from cvlm.bench import bench_connectors, format_table, write_results
+
+    size = {"vision_width": args.vision_width, "vision_layers": args.vision_layers, "llm_width": args.llm_width,
+            "llm_layers": args.llm_layers}
+    rows = bench_connectors(vision=args.vision, llm=args.llm, image_size=args.image_size, connectors=args.connectors,
+                            repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, device=args.device,
+                            **{k: v for k, v in size.items() if v is not None})
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    machine = f"{device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    print(f"cvlm bench connectors: vision={args.vision} llm={args.llm} image_size={args.image_size} "
+          f"dtype={args.dtype} device={args.device} ({machine}); median of {args.repeats} runs")
+    print(format_table(rows))
+    if args.output:
+        write_results(rows, args.output, {**vars(args), "func": None, "machine": machine})
+        print(f"wrote {args.output}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +128,23 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-image", "--demo_image", action="store_true", help="add a built-in test picture")
     p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=32)
     p.set_defaults(func=_cmd_generate)
+
+    bench = sub.add_parser("bench", help="side-by-side speed benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("connectors", help="per connector: params, Q, connector and LM prefill time vs the P/Q bound")
+    p.add_argument("--vision", default="tiny-clip")
+    p.add_argument("--llm", default="tiny-llama")
+    p.add_argument("--image-size", "--image_size", type=int)
+    p.add_argument("--vision-width", "--vision_width", type=int, help="tiny presets only")
+    p.add_argument("--vision-layers", "--vision_layers", type=int, help="tiny presets only")
+    p.add_argument("--llm-width", "--llm_width", type=int, help="tiny presets only")
+    p.add_argument("--llm-layers", "--llm_layers", type=int, help="tiny presets only")
+    p.add_argument("--connectors", nargs="+", help="a subset of the registry (mlp is always measured)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="also write the rows to this JSON file")
+    p.set_defaults(func=_cmd_bench_connectors)
     return parser
 
 

@@ -76,13 +76,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
-def tiny_vision(name: str, image_size: int | None = None, seed: int = 0):
-    """(vision model, image processor) of a tiny random ViT: width 32, 4 layers, 8-px patches."""
+def tiny_vision(name: str, image_size: int | None = None, seed: int = 0, width: int = 32, layers: int = 4):
+    """(vision model, image processor) of a small random ViT with 8-px patches (default: width 32,
+    4 layers, 32-px images -> a 4x4 grid)."""
     config_cls, processor_cls, extra = _VISION[name]
     size = image_size or TINY_IMAGE_SIZE
     config = config_cls(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-        image_size=size, patch_size=TINY_PATCH_SIZE, **extra,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=max(2, width // 64), image_size=size, patch_size=TINY_PATCH_SIZE, **extra,
     )
     torch.manual_seed(seed)
     model = AutoModel.from_config(config)
@@ -93,11 +94,12 @@ def tiny_vision(name: str, image_size: int | None = None, seed: int = 0):
     return model, processor
 
 
-def tiny_lm(name: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0):
-    """A tiny random causal LM over `tokenizer`'s vocabulary: width 64, 2 layers, 4 heads."""
+def tiny_lm(name: str, tokenizer: PreTrainedTokenizerFast, seed: int = 0, width: int = 64, layers: int = 2):
+    """A small random causal LM over `tokenizer`'s vocabulary (default: width 64, 2 layers, 4 heads)."""
     config_cls, extra = _LM[name]
     config = config_cls(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=max(4, width // 64),
         vocab_size=len(tokenizer), max_position_embeddings=1024, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **extra,
     )

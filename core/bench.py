@@ -1,0 +1,127 @@
+"""`cvlm bench connectors`: what compression buys, measured side by side in one run.
+
+For every registered connector, on the same image and prompt: connector parameters, Q, the
+connector's forward time, and the LM prefill time for one image + a short prompt (the image
+features precomputed, `logits_to_keep=1` as in generation). The prefill speed-up against `mlp`
+stands next to the token bound P/Q. Times are medians over repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cvlm.build import build_model
+from cvlm.generate import demo_image
+from cvlm.modeling import CONNECTORS
+
+PROMPT = "Describe the image: what colour is the background and where is the small object?"
+
+
+def _timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_size: int | None = None,
+                     connectors: list[str] | None = None, repeats: int = 20, warmup: int = 3,
+                     dtype: str = "float32", device: str = "cpu", seed: int = 0, **preset_size) -> list[dict]:
+    """One row per connector (see the module docstring). All models are built first, then timed in
+    interleaved rounds (every connector once per round), so that drifts of a noisy machine hit all
+    of them alike; each time is the median over the rounds. `preset_size`: vision_width,
+    vision_layers, llm_width, llm_layers for the tiny presets."""
+    names = connectors or list(CONNECTORS)
+    unknown = [n for n in names if n not in CONNECTORS]
+    if unknown:
+        raise ValueError(f"Unknown connector(s) {unknown}. Allowed values: {', '.join(CONNECTORS)}.")
+    if "mlp" not in names:
+        names = ["mlp", *names]  # the reference for the speed-up
+    target = torch.device(device)
+    cases = []
+    for name in names:
+        model, processor = build_model(vision=vision, llm=llm, connector=name, image_size=image_size, seed=seed,
+                                       dtype=dtype, **preset_size)
+        model.to(target).eval()
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+            add_generation_prompt=True,
+        )
+        inputs = processor(images=[demo_image(256)], text=[text], return_tensors="pt").to(target)
+        pixel_values = inputs["pixel_values"].to(model.dtype)
+        features = model.model.select_vision_features(pixel_values)
+        image = model.model.get_image_features(pixel_values)
+
+        def connector_forward(model=model, features=features):
+            model.model.connector(features)
+
+        def prefill(model=model, inputs=inputs, image=image):
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                  mm_encoder_outputs={"image": image}, logits_to_keep=1)
+
+        cases.append((name, model, inputs, connector_forward, prefill, {"connector": [], "prefill": []}))
+
+    for round_index in range(warmup + repeats):
+        for *_, connector_forward, prefill, times in cases:
+            connector_s, prefill_s = _timed(connector_forward, target), _timed(prefill, target)
+            if round_index >= warmup:
+                times["connector"].append(connector_s)
+                times["prefill"].append(prefill_s)
+
+    rows = []
+    for name, model, inputs, _, _, times in cases:
+        grid_h, grid_w = model.config.vision_grid
+        rows.append({
+            "connector": name,
+            "family": CONNECTORS[name].family,
+            "params": model.model.connector.num_parameters(),
+            "patches_P": grid_h * grid_w,
+            "tokens_Q": model.config.num_image_tokens,
+            "sequence_length": int(inputs["input_ids"].shape[1]),
+            "connector_ms": statistics.median(times["connector"]) * 1e3,
+            "prefill_ms": statistics.median(times["prefill"]) * 1e3,
+        })
+    reference = next(r for r in rows if r["connector"] == "mlp")
+    for row in rows:
+        row["prefill_speedup_vs_mlp"] = reference["prefill_ms"] / row["prefill_ms"]
+        row["token_bound_P_over_Q"] = row["patches_P"] / row["tokens_Q"]
+        row["share_of_bound"] = row["prefill_speedup_vs_mlp"] / row["token_bound_P_over_Q"]
+        # The prompt's text tokens are not compressed: the sequence ratio is the reachable bound.
+        row["sequence_bound"] = reference["sequence_length"] / row["sequence_length"]
+        row["share_of_sequence_bound"] = row["prefill_speedup_vs_mlp"] / row["sequence_bound"]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'connector':<14}{'family':<12}{'params':>12}{'P':>6}{'Q':>6}{'seq':>6}{'conn ms':>9}"
+            f"{'prefill ms':>11}{'speed-up':>9}{'P/Q':>6}{'of P/Q':>7}{'seq bound':>10}{'of seq':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        compressing = r["tokens_Q"] < r["patches_P"]
+        share = f"{100 * r['share_of_bound']:.0f}%" if compressing else "-"
+        seq_share = f"{100 * r['share_of_sequence_bound']:.0f}%" if compressing else "-"
+        lines.append(
+            f"{r['connector']:<14}{r['family']:<12}{r['params']:>12,}{r['patches_P']:>6}{r['tokens_Q']:>6}"
+            f"{r['sequence_length']:>6}{r['connector_ms']:>9.2f}{r['prefill_ms']:>11.2f}"
+            f"{r['prefill_speedup_vs_mlp']:>8.2f}x{r['token_bound_P_over_Q']:>6.2f}{share:>7}"
+            f"{r['sequence_bound']:>9.2f}x{seq_share:>7}"
+        )
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], path: str | Path, settings: dict) -> None:
+    """results.json, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
+    tmp.replace(path)
