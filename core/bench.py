@@ -19,7 +19,7 @@ from cvlm.build import build_model
 from cvlm.generate import demo_image
 from cvlm.modeling import CONNECTORS
 
-PROMPT = "Describe the image: what colour is the background and where is the small object?"
+PROMPT = "What is in the image?"
 
 
 def _timed(fn, device: torch.device) -> float:

@@ -60,6 +60,8 @@ class Connector(nn.Module):
         self.vision_hidden_size = config.vision_config.hidden_size
         self.text_hidden_size = config.text_config.hidden_size
         self.grid = config.vision_grid
+        # width of `concat_channels(hidden_states)`: C times the number of layers read
+        self.concat_width = self.vision_hidden_size * len(config.connector_vision_layers)
 
     # ---- questions answered from the config alone (no module is built) -------------------------
     @classmethod

@@ -87,8 +87,7 @@ class DenseSCIConnector(DenseConnector):
 
     def __init__(self, config):
         super().__init__(config)
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        self.layers = mlp_projection(in_features, self.text_hidden_size, self.hyper["depth"], self.hyper["act"])
+        self.layers = mlp_projection(self.concat_width, self.text_hidden_size, self.hyper["depth"], self.hyper["act"])
 
     def forward(self, hidden_states):
         return self.layers(torch.cat(hidden_states, dim=-1))  # [B, N, (n+1)C] -> [B, N, D]

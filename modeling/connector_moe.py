@@ -35,11 +35,10 @@ class MoEConnector(Connector):
 
     def __init__(self, config):
         super().__init__(config)
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
         h = self.hyper
-        self.router = nn.Linear(in_features, h["num_experts"], bias=False)
+        self.router = nn.Linear(self.concat_width, h["num_experts"], bias=False)
         self.experts = nn.ModuleList(
-            mlp_projection(in_features, self.text_hidden_size, depth=h["depth"], act=h["act"])
+            mlp_projection(self.concat_width, self.text_hidden_size, depth=h["depth"], act=h["act"])
             for _ in range(h["num_experts"])
         )
         self.aux_loss = None

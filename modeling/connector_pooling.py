@@ -47,8 +47,7 @@ class AvgPoolConnector(GridConnector):
 
     def __init__(self, config):
         super().__init__(config)
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        self.layers = mlp_projection(in_features, self.text_hidden_size, self.hyper["depth"], self.hyper["act"])
+        self.layers = mlp_projection(self.concat_width, self.text_hidden_size, self.hyper["depth"], self.hyper["act"])
 
     def forward(self, hidden_states):
         grid = self.to_grid(self.concat_channels(hidden_states))  # [B, kC, h, w]
@@ -92,7 +91,7 @@ class PixelShuffleConnector(Connector):
     def __init__(self, config):
         super().__init__(config)
         s = self.hyper["scale"]
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers) * s * s
+        in_features = self.concat_width * s * s
         self.layers = mlp_projection(in_features, self.text_hidden_size, self.hyper["depth"], self.hyper["act"])
 
     def forward(self, hidden_states):
@@ -160,7 +159,7 @@ class CAbstractorConnector(GridConnector):
     def __init__(self, config):
         super().__init__(config)
         h = self.hyper
-        in_width = self.vision_hidden_size * len(config.connector_vision_layers)
+        in_width = self.concat_width
         width = h["hidden_size"] or in_width
         self.before = nn.Sequential(*(ResBlock(in_width if i == 0 else width, width, h["act"]) for i in range(h["depth"])))
         self.after = nn.Sequential(*(ResBlock(width, width, h["act"]) for _ in range(h["depth"])))
@@ -216,8 +215,7 @@ class LDPConnector(GridConnector):
     def __init__(self, config):
         super().__init__(config)
         width = self.text_hidden_size
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        self.mlp = mlp_projection(in_features, width, 2, self.hyper["act"])
+        self.mlp = mlp_projection(self.concat_width, width, 2, self.hyper["act"])
         if self.hyper["version"] == 1:
             self.blocks = nn.Sequential(InvertedResidual(width, 1), InvertedResidual(width, 2))
         else:

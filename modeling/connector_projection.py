@@ -18,8 +18,7 @@ class LinearConnector(Connector):
 
     def __init__(self, config):
         super().__init__(config)
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        self.proj = nn.Linear(in_features, self.text_hidden_size, bias=self.hyper["bias"])
+        self.proj = nn.Linear(self.concat_width, self.text_hidden_size, bias=self.hyper["bias"])
 
     def forward(self, hidden_states):
         return self.proj(self.concat_channels(hidden_states))  # [B, N, k*C] -> [B, N, D]
@@ -40,8 +39,7 @@ class MLPConnector(Connector):
 
     def __init__(self, config):
         super().__init__(config)
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        self.layers = mlp_projection(in_features, self.text_hidden_size, **self.hyper)
+        self.layers = mlp_projection(self.concat_width, self.text_hidden_size, **self.hyper)
 
     def forward(self, hidden_states):
         return self.layers(self.concat_channels(hidden_states))  # [B, N, k*C] -> [B, N, D]
@@ -66,8 +64,7 @@ class LowRankConnector(Connector):
 
     def __init__(self, config):
         super().__init__(config)
-        in_features = self.vision_hidden_size * len(config.connector_vision_layers)
-        self.down = nn.Linear(in_features, self.hyper["rank"], bias=False)
+        self.down = nn.Linear(self.concat_width, self.hyper["rank"], bias=False)
         self.act = ACT2FN[self.hyper["act"]] if self.hyper["act"] else nn.Identity()
         self.up = nn.Linear(self.hyper["rank"], self.text_hidden_size)
 

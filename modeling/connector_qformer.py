@@ -85,7 +85,7 @@ class QFormerConnector(Connector):
         num_heads = h["num_heads"] or max(1, width // 64)
         if width % num_heads:
             raise ValueError(f"qformer width {width} is not divisible by num_heads={num_heads}: set num_heads.")
-        kv_width = self.vision_hidden_size * len(config.connector_vision_layers)
+        kv_width = self.concat_width
         self.queries = nn.Parameter(torch.empty(h["num_queries"], width))
         self.image_norm = nn.LayerNorm(kv_width)
         self.layers = nn.ModuleList(QFormerLayer(width, kv_width, num_heads, h["act"]) for _ in range(h["num_layers"]))
