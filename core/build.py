@@ -213,10 +213,21 @@ def build_model(
     return model, processor
 
 
-def save_checkpoint(model, processor, output_dir: str | os.PathLike) -> Path:
-    """Writes the complete Hub-ready folder atomically (a temporary sibling, then a rename)."""
+def save_checkpoint(model, processor, output_dir: str | os.PathLike, keep_existing: bool = False) -> Path:
+    """Writes the complete Hub-ready folder atomically: into a temporary sibling, then renamed. With
+    `keep_existing` (a training run's folder, holding its checkpoints), the files are written into
+    a temporary subfolder and each moved into place with an atomic rename; other files stay."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    if keep_existing and output_dir.exists():
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
+        try:
+            save_checkpoint(model, processor, staging / "checkpoint")
+            for path in sorted((staging / "checkpoint").iterdir()):
+                os.replace(path, output_dir / path.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return output_dir
     model.config.auto_map = dict(AUTO_MAP)  # all four Auto classes; registration alone writes one
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForImageTextToText")

@@ -95,6 +95,7 @@ def _cmd_bench_connectors(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a checkpoint: --stage align | finetune (see `cvlm train --help`)")
 
     p = sub.add_parser("build", help="build a model from a vision encoder + LM + connector and save it")
     p.add_argument("--vision", default="tiny-clip", help="Hub id, local folder, or tiny-clip / tiny-siglip")
@@ -149,6 +150,11 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # HfArgumentParser owns the flags: every TrainingArguments field works
+        from cvlm.trainers.train import main as train_main
+
+        return train_main(argv[1:])
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -82,9 +82,17 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
             selected = [h[:, num_prefix:] for h in selected]  # [B, prefix + P, C] -> [B, P, C]
         return selected
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> ConnectorVLMImageOutput:
-        """Encodes images once; `pooler_output` is a list of per-image [Q, D] connector outputs."""
-        features = self.connector(self.select_vision_features(pixel_values))  # [B, Q, D]
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None, **kwargs
+    ) -> ConnectorVLMImageOutput:
+        """Encodes images once; `pooler_output` is a list of per-image [Q, D] connector outputs.
+        `vision_features` ([n_images, n_layers, N, C], what `select_vision_features` returns, stacked)
+        skips the frozen encoder, e.g. when training from a feature cache."""
+        if vision_features is not None:
+            selected = list(vision_features.to(self.vision_tower.dtype).unbind(1))
+        else:
+            selected = self.select_vision_features(pixel_values)
+        features = self.connector(selected)  # [B, Q, D]
         return ConnectorVLMImageOutput(
             last_hidden_state=features, pooler_output=list(features), aux_loss=getattr(self.connector, "aux_loss", None)
         )
@@ -118,6 +126,7 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         cache=None,
         inputs_embeds: torch.Tensor | None = None,
         mm_encoder_outputs: dict | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> MultimodalBaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
@@ -125,8 +134,8 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_outputs = (mm_encoder_outputs or {}).get("image")
-        if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values)
+        if image_outputs is None and (pixel_values is not None or vision_features is not None):
+            image_outputs = self.get_image_features(pixel_values, vision_features)
         if image_outputs is not None:
             image_features = torch.cat(list(image_outputs.pooler_output), dim=0)  # n_images x [Q, D] -> [n*Q, D]
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
@@ -173,8 +182,10 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> ConnectorVLMImageOutput:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_image_features(
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None, **kwargs
+    ) -> ConnectorVLMImageOutput:
+        return self.model.get_image_features(pixel_values, vision_features, **kwargs)
 
     def forward(
         self,
@@ -187,6 +198,7 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        vision_features: torch.Tensor | None = None,
         **kwargs,
     ) -> MultimodalCausalLMOutputWithPast:
         outputs = self.model(
@@ -197,6 +209,7 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
             cache=cache,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            vision_features=vision_features,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

@@ -24,7 +24,7 @@ def built():
     def get(vision="tiny-clip", llm="tiny-llama", connector="mlp", **kwargs):
         key = (vision, llm, connector, tuple(sorted(kwargs.items())))
         if key not in cache:
-            cache[key] = build_model(vision=vision, llm=llm, connector=connector, seed=0, **kwargs)
+            cache[key] = build_model(vision=vision, llm=llm, connector=connector, **{"seed": 0, **kwargs})
         return cache[key]
 
     return get

@@ -1,0 +1,322 @@
+"""`cvlm train`: LLaVA-1.5's two stages with the standard `transformers.Trainer`.
+
+- `--stage align`: only the connector trains; the encoder and the LM are frozen.
+- `--stage finetune`: the connector trains fully and LoRA adapters (peft) train on the LM's
+  linear layers only (never the encoder's or the connector's); `--lm_full` trains the whole LM
+  instead. Starts from a stage-1 output folder.
+
+Arguments: the `ModelArguments`, `DataArguments` and `LoraArguments` below plus every
+`TrainingArguments` flag, through `HfArgumentParser` (or one JSON/YAML file holding them all).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+
+from cvlm.build import AUTO_MAP, save_checkpoint
+from cvlm.modeling import ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
+
+from .data import Collator, DataError, SupervisedDataset, read_records, tokenize_all
+from .feature_cache import FeatureCache
+
+logger = logging.getLogger(__name__)
+
+TRAINING_FACTS = "cvlm_training.json"
+STAGES = ("align", "finetune")
+
+
+@dataclass
+class ModelArguments:
+    model: str = field(metadata={"help": "a folder written by `cvlm build` or a previous stage, or a Hub id"})
+    stage: str = field(default="align", metadata={"help": "align (connector only) or finetune (connector + LoRA)"})
+    lm_full: bool = field(default=False, metadata={"help": "finetune: train the whole LM instead of LoRA adapters"})
+    connector_lr: float | None = field(default=None, metadata={"help": "learning rate of the connector (default: --learning_rate)"})
+    allow_unaligned: bool = field(default=False, metadata={"help": "finetune a model that has not been through --stage align"})
+    save_adapter: bool = field(default=False, metadata={"help": "finetune: keep the LoRA adapter in adapter/ as well as merging it"})
+
+
+@dataclass
+class DataArguments:
+    data: str = field(metadata={"help": "LLaVA JSON/JSONL file, a `datasets` folder (imagefolder with metadata) or a Hub id"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder the JSON's image paths are relative to"})
+    image_column: str = field(default="image")
+    conversations_column: str = field(default="conversations")
+    model_max_length: int = field(default=2048, metadata={"help": "longer samples are cut, never through image tokens"})
+    cache_features: str | None = field(default=None, metadata={"help": "folder of the frozen-encoder feature cache"})
+    resume: bool = field(default=False, metadata={"help": "resume from the last complete checkpoint in --output_dir"})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=8)
+    lora_alpha: int = field(default=16)
+    lora_dropout: float = field(default=0.05)
+    lora_target: str = field(default="all-linear", metadata={
+        "help": "regex searched in the LM's linear layer names (e.g. 'q_proj|v_proj'); all-linear = every one"})
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [_underscored(a) for a in argv]  # --lora-r and --lora_r both work
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Several CPU processes (torchrun / accelerate launch): without use_cpu, accelerate sets up no
+        # distributed training and each process would silently train its own copy.
+        argv += ["--use_cpu", "true"]
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        if argv[0].endswith(".json"):
+            return parser.parse_json_file(argv[0], allow_extra_keys=False)
+        return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _underscored(arg: str) -> str:
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+# ---- which parameters train ----------------------------------------------------------------------
+def lora_targets(model, pattern: str) -> list[str]:
+    """Full names of the LM's Linear layers that `pattern` matches (searched in the name relative to
+    the LM): the encoder's and the connector's layers are never targets."""
+    prefix = "model.language_model."
+    names = [n for n, m in model.named_modules() if n.startswith(prefix) and isinstance(m, torch.nn.Linear)]
+    if pattern == "all-linear":
+        return names
+    regex = re.compile(pattern)
+    targets = [n for n in names if regex.search(n[len(prefix):])]
+    if not targets:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(
+            f"--lora_target {pattern!r} matches no linear layer of the LM. Its linear layers are named: "
+            f"{', '.join(leaves)} (e.g. --lora_target 'q_proj|v_proj')."
+        )
+    return targets
+
+
+def prepare_model(model, model_args: ModelArguments, lora_args: LoraArguments):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.model.connector.parameters():
+        p.requires_grad_(True)
+    if model_args.stage == "align":
+        return model
+    if model_args.lm_full:
+        for p in model.model.language_model.parameters():
+            p.requires_grad_(True)
+        for p in model.lm_head.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+        target_modules=lora_targets(model, lora_args.lora_target), modules_to_save=["connector"],
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable_by_part(model) -> dict[str, int]:
+    parts = {"vision_tower": 0, "connector": 0, "language_model": 0, "lm_head": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = next((k for k in parts if k in name), "language_model")
+            parts[part] += p.numel()
+    return parts
+
+
+# ---- the Trainer ---------------------------------------------------------------------------------
+class ConnectorTrainer(Trainer):
+    """Trainer with a separate learning rate for the connector (`--connector_lr`)."""
+
+    def __init__(self, *args, connector_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connector_lr = connector_lr
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None or self.connector_lr is None:
+            return super().create_optimizer() if self.optimizer is None else self.optimizer
+        decay = set(self.get_decay_parameter_names(self.model))
+        groups = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr = self.connector_lr if ".connector." in name else self.args.learning_rate
+            wd = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((lr, wd), []).append(p)
+        params = [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(params, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+
+class CheckpointCodeCallback(TrainerCallback):
+    """Every Trainer checkpoint carries the `modeling/` code and the processor, so any of them loads
+    with trust_remote_code=True (an adapter checkpoint through its base, the stage-1 folder)."""
+
+    def __init__(self, source_dir: str, processor):
+        self.source_dir, self.processor = Path(source_dir), processor
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            for path in (p for p in self.source_dir.glob("*.py") if p.name != "__init__.py"):
+                shutil.copy2(path, checkpoint / path.name)
+            if not (checkpoint / "processor_config.json").exists():
+                self.processor.save_pretrained(checkpoint)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N whose trainer_state.json (written last) parses and says step N: a
+    save interrupted halfway is never resumed from."""
+    best = None
+    for path in Path(output_dir).glob("checkpoint-*"):
+        try:
+            step = int(path.name.split("-")[1])
+            state = json.loads((path / "trainer_state.json").read_text())
+            if state["global_step"] != step:
+                continue
+        except (ValueError, OSError, KeyError, json.JSONDecodeError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, str(path))
+    return best[1] if best else None
+
+
+# ---- checks before any work ----------------------------------------------------------------------
+def check_model_folder(model_args: ModelArguments) -> dict | None:
+    facts_path = Path(model_args.model) / TRAINING_FACTS
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else None
+    if model_args.stage not in STAGES:
+        raise ValueError(f"--stage {model_args.stage!r} is invalid. Allowed values: {', '.join(STAGES)}.")
+    if model_args.stage == "finetune" and not model_args.allow_unaligned and not (facts and facts.get("stage") == "align"):
+        raise ValueError(
+            f"--model {model_args.model} is not a stage-1 (align) output: run `cvlm train --stage align` first "
+            "and pass its --output_dir, or add --allow_unaligned to fine-tune a connector that was never aligned."
+        )
+    return facts
+
+
+def check_output_dir(output_dir: str, model) -> None:
+    config_path = Path(output_dir) / "config.json"
+    if not config_path.exists():
+        return
+    theirs = json.loads(config_path.read_text())
+    mine = model.config
+    same = (theirs.get("model_type") == mine.model_type and theirs.get("connector_type") == mine.connector_type
+            and theirs.get("text_config", {}).get("hidden_size") == mine.text_config.hidden_size
+            and theirs.get("vision_config", {}).get("hidden_size") == mine.vision_config.hidden_size)
+    if not same:
+        what = f"{theirs.get('model_type')}/{theirs.get('connector_type', '-')}"
+        raise ValueError(
+            f"--output_dir {output_dir} holds a different model ({what}); training would mix the two. "
+            "Pick another --output_dir, or delete that folder."
+        )
+
+
+# ---- the job -------------------------------------------------------------------------------------
+def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments) -> Path:
+    start = time.time()
+    facts_in = check_model_folder(model_args)
+    set_seed(args.seed)
+    args.remove_unused_columns = False  # the collator needs the raw columns
+    args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
+    processor = ConnectorVLMProcessor.from_pretrained(model_args.model, trust_remote_code=True)  # our own code
+    records = read_records(data_args.data, data_args.image_folder, data_args.image_column, data_args.conversations_column)
+    samples = tokenize_all(records, processor, data_args.model_max_length)  # bad data fails before any heavy work
+    model = ConnectorVLMForConditionalGeneration.from_pretrained(model_args.model, dtype=torch.float32)
+    model.config.auto_map = dict(AUTO_MAP)
+    type(model).register_for_auto_class("AutoModelForImageTextToText")
+    type(model.config).register_for_auto_class()
+    check_output_dir(args.output_dir, model)
+    cache = None
+    if data_args.cache_features:
+        images = [image for sample in samples for image in sample.images]
+        with args.main_process_first(desc="feature cache"):
+            cache = FeatureCache(data_args.cache_features, model, processor, images)
+    dataset = SupervisedDataset(samples, feature_cache=cache)
+
+    model = prepare_model(model, model_args, lora_args)
+    trainable = trainable_by_part(model)
+    source_dir = Path(sys.modules[ConnectorVLMForConditionalGeneration.__module__].__file__).parent
+    trainer = ConnectorTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=Collator(processor), processing_class=processor,
+        connector_lr=model_args.connector_lr, callbacks=[CheckpointCodeCallback(str(source_dir), processor)],
+    )
+    if args.world_size > 1 and trainer.accelerator.distributed_type.value == "NO":
+        raise ValueError(f"{args.world_size} processes were launched but they do not train together; on CPUs "
+                         "pass --use_cpu true.")
+    resume_from = last_complete_checkpoint(args.output_dir) if data_args.resume else None
+    if data_args.resume and resume_from is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from the beginning.", args.output_dir)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+
+    output = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        final = model
+        if hasattr(model, "merge_and_unload"):
+            if model_args.save_adapter:
+                model.save_pretrained(output / "adapter")
+            final = model.merge_and_unload()
+        save_checkpoint(final, processor, output, keep_existing=True)
+        losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+        facts = {
+            "stage": model_args.stage,
+            "started_from": model_args.model,
+            "previous_stages": (facts_in or {}).get("previous_stages", []) + ([facts_in] if facts_in else []),
+            "data": data_args.data,
+            "samples": len(samples),
+            "skipped_samples": len(records) - len(samples),
+            "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            "learning_rate": args.learning_rate,
+            "connector_lr": model_args.connector_lr,
+            "lora": None if model_args.stage == "align" or model_args.lm_full else asdict(lora_args),
+            "lm_full": model_args.lm_full,
+            "feature_cache": bool(cache),
+            "trainable_parameters": trainable,
+            "final_loss": losses[-1][1] if losses else None,
+            "losses": losses,
+            "wall_time_s": round(time.time() - start, 1),
+            "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+            "world_size": args.world_size,
+            "samples_per_second": result.metrics.get("train_samples_per_second"),
+        }
+        (output / TRAINING_FACTS).write_text(json.dumps(facts, indent=2) + "\n")
+        if losses:
+            from cvlm.plot import line_plot
+
+            line_plot([s for s, _ in losses], [l for _, l in losses], output / "loss.png",
+                      title=f"cvlm train --stage {model_args.stage}", x_label="step", y_label="training loss")
+        parts = ", ".join(f"{k} {v:,}" for k, v in facts["trainable_parameters"].items() if v)
+        print(f"cvlm train: {facts['steps']} steps, {facts['samples_per_second'] or 0:.1f} samples/s, "
+              f"trainable: {parts}; final loss {facts['final_loss']}; checkpoint in {output}")
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, lora_args, args = parse_args(argv)
+    try:
+        train(model_args, data_args, lora_args, args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"cvlm train: error: {error}", file=sys.stderr)
+        return 2
+    return 0
