@@ -125,3 +125,41 @@ def write_results(rows: list[dict], path: str | Path, settings: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
     tmp.replace(path)
+
+
+def bench_train(steps: int = 20, batch_size: int = 8, image_size: int = 128, vision_width: int = 256,
+                vision_layers: int = 6, llm_width: int = 512, llm_layers: int = 4, repeats: int = 2,
+                workdir: str | None = None) -> list[dict]:
+    """Training samples/s of: align without and with the feature cache, finetune with LoRA and with
+    the full LM, on the same tiny-preset backbones resized to the given widths. Runs alternate
+    (A, B, C, D, A, B, ...) `repeats` times; the median is reported."""
+    import tempfile
+
+    from cvlm.build import build
+    from cvlm.trainers.toy_data import write_colour_dataset
+    from cvlm.trainers.train import main as train_main
+
+    root = Path(workdir or tempfile.mkdtemp(prefix="cvlm-bench-train-"))
+    data = write_colour_dataset(root / "data", n=64, text_only=0, size=image_size)
+    build(root / "base", vision="tiny-clip", llm="tiny-llama", connector="mlp", image_size=image_size,
+          vision_width=vision_width, vision_layers=vision_layers, llm_width=llm_width, llm_layers=llm_layers)
+    common = ["--data", data, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch_size),
+              "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", str(steps)]
+    cache = str(root / "cache")
+    train_main(["--model", str(root / "base"), "--stage", "align", "--output_dir", str(root / "warm"),
+                "--cache_features", cache, *common])  # fills the cache, so the cached runs only read it
+    runs = {
+        "align, encoder run each step": ["--model", str(root / "base"), "--stage", "align"],
+        "align, feature cache": ["--model", str(root / "base"), "--stage", "align", "--cache_features", cache],
+        "finetune, LoRA r=8": ["--model", str(root / "warm"), "--stage", "finetune", "--cache_features", cache],
+        "finetune, full LM": ["--model", str(root / "warm"), "--stage", "finetune", "--cache_features", cache,
+                              "--lm_full", "true"],
+    }
+    speeds = {name: [] for name in runs}
+    for r in range(repeats):
+        for i, (name, args) in enumerate(runs.items()):
+            out = root / f"run-{r}-{i}"
+            train_main([*args, "--output_dir", str(out), *common])
+            facts = json.loads((out / "cvlm_training.json").read_text())
+            speeds[name].append(facts["samples_per_second"])
+    return [{"run": name, "samples_per_second": statistics.median(values)} for name, values in speeds.items()]

@@ -9,6 +9,7 @@ nothing of this project installed.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from cvlm.modeling import (
     ConnectorVLMForConditionalGeneration,
     ConnectorVLMProcessor,
 )
+from cvlm.model_cards.card import BUILD_FACTS, write_card
 from cvlm.presets import CHATML_TEMPLATE, IMAGE_TOKEN, LM_PRESETS, VISION_PRESETS, tiny_lm, tiny_tokenizer, tiny_vision
 
 AUTO_MAP = {
@@ -203,6 +205,9 @@ def build_model(
     generation_config.suppress_tokens = [image_token_id]  # the model must never write an <image> itself
     model.generation_config = generation_config
     model.eval()
+    model.build_facts = {"vision": vision, "llm": llm, "connector": connector, "connector_args": connector_args or {},
+                         "image_size": image_size, "feature_layer": feature_layer, "select_strategy": select_strategy,
+                         "seed": seed}
 
     processor = ConnectorVLMProcessor(
         image_processor=image_processor,
@@ -236,6 +241,9 @@ def save_checkpoint(model, processor, output_dir: str | os.PathLike, keep_existi
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        if getattr(model, "build_facts", None):
+            (staging / BUILD_FACTS).write_text(json.dumps(model.build_facts, indent=2) + "\n")
+        write_card(staging, title=output_dir.name)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)

@@ -92,6 +92,36 @@ def _cmd_bench_connectors(args) -> int:
     return 0
 
 
+def _cmd_bench_train(args) -> int:
+    import platform
+
+    import torch
+
+    from cvlm.bench import bench_train
+
+    rows = bench_train(steps=args.steps, batch_size=args.batch_size, image_size=args.image_size,
+                       vision_width=args.vision_width, vision_layers=args.vision_layers, llm_width=args.llm_width,
+                       llm_layers=args.llm_layers, repeats=args.repeats)
+    print(f"cvlm bench train: tiny presets resized to ViT width {args.vision_width} x {args.vision_layers} layers, "
+          f"{args.image_size}px (8px patches), LM width {args.llm_width} x {args.llm_layers} layers; batch "
+          f"{args.batch_size}, {args.steps} steps, median of {args.repeats}; {platform.machine()}, torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads")
+    speed = {r["run"]: r["samples_per_second"] for r in rows}
+    for r in rows:
+        print(f"  {r['run']:<32} {r['samples_per_second']:>8.1f} samples/s")
+    names = list(speed)
+    print(f"  feature cache speed-up (align): {speed[names[1]] / speed[names[0]]:.2f}x")
+    print(f"  LoRA vs full LM (finetune):     {speed[names[2]] / speed[names[3]]:.2f}x")
+    return 0
+
+
+def _cmd_card(args) -> int:
+    from cvlm.model_cards.card import write_card
+
+    print(f"wrote {write_card(args.folder, repo_id=args.repo_id)}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +142,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", required=True, help="folder to write the checkpoint to")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("card", help="(re)write README.md of a checkpoint folder from its recorded facts")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", "--repo_id", help="the Hub repo the card's usage snippet names")
+    p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("connectors", help="list the connector registry")
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
@@ -146,6 +181,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="also write the rows to this JSON file")
     p.set_defaults(func=_cmd_bench_connectors)
+
+    p = bench.add_parser("train", help="training samples/s: feature cache on/off, LoRA vs full LM")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", "--batch_size", type=int, default=8)
+    p.add_argument("--image-size", "--image_size", type=int, default=128)
+    p.add_argument("--vision-width", "--vision_width", type=int, default=256)
+    p.add_argument("--vision-layers", "--vision_layers", type=int, default=6)
+    p.add_argument("--llm-width", "--llm_width", type=int, default=512)
+    p.add_argument("--llm-layers", "--llm_layers", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.set_defaults(func=_cmd_bench_train)
     return parser
 
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 from cvlm.modeling import CONNECTORS
 from cvlm.presets import LM_PRESETS, VISION_PRESETS
+from cvlm.trainers.toy_data import write_colour_dataset as make_llava_data  # noqa: F401 (used by tests)
 
 # Every registered connector x every tiny vision preset x every tiny LM preset.
 COMBOS = [(v, l, c) for c in CONNECTORS for v in VISION_PRESETS for l in LM_PRESETS]
@@ -41,31 +42,3 @@ def greedy_no_cache(model, inputs, max_new_tokens: int) -> torch.Tensor:
         ids = torch.cat([ids, next_id], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_id)], dim=1)
     return ids
-
-
-PALETTE = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40)}
-
-
-def make_llava_data(folder, n: int = 16, text_only: int = 2, multi_turn: bool = True) -> str:
-    """A small LLaVA-format data set: coloured pictures, "what colour" questions (some multi-turn),
-    plus text-only records. Returns the JSON path; images are in folder/images."""
-    import json
-    from pathlib import Path
-
-    folder = Path(folder)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    names = list(PALETTE)
-    records = []
-    for i in range(n):
-        colour = names[i % len(names)]
-        Image.new("RGB", (40, 40), PALETTE[colour]).save(folder / "images" / f"{i}.png")
-        turns = [{"from": "human", "value": "<image>\nWhat colour is the image?"}, {"from": "gpt", "value": colour}]
-        if multi_turn and i % 3 == 0:
-            turns += [{"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "yes" if colour == "red" else "no"}]
-        records.append({"id": f"img-{i}", "image": f"images/{i}.png", "conversations": turns})
-    for i in range(text_only):
-        records.append({"id": f"text-{i}", "conversations": [
-            {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": names[i % len(names)]}]})
-    path = folder / "data.json"
-    path.write_text(json.dumps(records))
-    return str(path)

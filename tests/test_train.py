@@ -84,6 +84,19 @@ def test_finetune_trains_connector_and_lora_merged_into_the_lm(stage1, stage2):
     assert facts["previous_stages"][0]["stage"] == "align" and facts["lora"]["lora_r"] == 4
 
 
+def test_the_model_card_carries_the_recorded_training_facts(stage2):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(stage2 / "README.md")
+    facts = json.loads((stage2 / "cvlm_training.json").read_text())
+    assert card.data.pipeline_tag == "image-text-to-text" and "connector-mlp" in card.data.tags
+    rows = [line for line in card.text.splitlines() if line.startswith(("| align", "| finetune"))]
+    assert len(rows) == 2
+    assert "| 30 | 4 | 0.01 | - |" in rows[0] and f"{facts['previous_stages'][0]['final_loss']:.4f}" in rows[0]
+    assert "r=4, alpha=16" in rows[1] and f"{facts['final_loss']:.4f}" in rows[1]
+    assert "tiny-clip (tiny preset, built locally, width 32, 4 layers)" in card.text
+
+
 def test_outputs_and_checkpoints_load_in_a_clean_process_and_answer(stage1, stage2, tmp_path):
     for folder in (stage2, stage1 / "checkpoint-10"):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}

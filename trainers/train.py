@@ -25,6 +25,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from cvlm.build import AUTO_MAP, save_checkpoint
+from cvlm.model_cards.card import BUILD_FACTS, write_card
 from cvlm.modeling import ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
 
 from .data import Collator, DataError, SupervisedDataset, read_records, tokenize_all
@@ -276,6 +277,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
                 model.save_pretrained(output / "adapter")
             final = model.merge_and_unload()
         save_checkpoint(final, processor, output, keep_existing=True)
+        if (Path(model_args.model) / BUILD_FACTS).exists():
+            shutil.copy2(Path(model_args.model) / BUILD_FACTS, output / BUILD_FACTS)
         losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
         facts = {
             "stage": model_args.stage,
@@ -301,6 +304,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             "samples_per_second": result.metrics.get("train_samples_per_second"),
         }
         (output / TRAINING_FACTS).write_text(json.dumps(facts, indent=2) + "\n")
+        write_card(output)
         if losses:
             from cvlm.plot import line_plot
 

@@ -1,0 +1,138 @@
+"""Model cards filled from what the project recorded in a checkpoint folder, never typed numbers.
+
+Reads `config.json` (the connector, the backbones) and, when present, `cvlm_training.json` (the
+training run). A fact the folder does not hold is written as "not recorded".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+NOT_RECORDED = "not recorded"
+BUILD_FACTS = "cvlm_build.json"
+PAPERS = {
+    "connectors": "To Preserve or To Compress (arXiv 2410.06765)",
+    "dense": "Dense Connector (arXiv 2405.13800)",
+}
+
+TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A connector-vlm checkpoint: **{{ vision }}** vision encoder → **`{{ connector }}`** connector
+({{ family }}, {{ num_tokens }} visual tokens per image) → **{{ llm }}** language model.
+
+## Connector
+
+| | |
+|---|---|
+| connector | `{{ connector }}` ({{ family }}) |
+| hyper-parameters | {{ hyper }} |
+| visual tokens Q | {{ num_tokens }} for {{ image_size }} px images ({{ grid }} patch grid) |
+| vision features | hidden-state layer(s) {{ layers }}, strategy `{{ strategy }}` |
+| from | {{ source }} |
+
+## Training
+
+{{ training }}
+
+## Usage
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+repo = "{{ repo }}"
+model = AutoModel.from_pretrained(repo, trust_remote_code=True, dtype=torch.float32)  # pin revision= for safety
+processor = AutoProcessor.from_pretrained(repo, trust_remote_code=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=[Image.open("photo.jpg")], text=[text], return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64)
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+## Limitations
+
+{{ limitations }}
+
+## Citation
+
+{{ citations }}
+"""
+
+
+def _training_section(facts: dict | None) -> str:
+    if not facts:
+        return f"Training: {NOT_RECORDED} (the connector is freshly initialised unless trained elsewhere)."
+    stages = [*facts.get("previous_stages", []), facts]
+    rows = ["| stage | data | samples | steps | batch | learning rate | LoRA | trainable parameters | final loss | hardware | wall time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        lora = (f"r={s['lora']['lora_r']}, alpha={s['lora']['lora_alpha']}" if s.get("lora")
+                else ("full LM" if s.get("lm_full") else "-"))
+        trainable = ", ".join(f"{k} {v:,}" for k, v in (s.get("trainable_parameters") or {}).items() if v)
+        loss = f"{s['final_loss']:.4f}" if isinstance(s.get("final_loss"), (int, float)) else NOT_RECORDED
+        rows.append(f"| {s.get('stage')} | {Path(str(s.get('data'))).name} | {s.get('samples', NOT_RECORDED)} | "
+                    f"{s.get('steps', NOT_RECORDED)} | {s.get('train_batch_size', NOT_RECORDED)} | "
+                    f"{s.get('learning_rate', NOT_RECORDED)} | {lora} | {trainable or NOT_RECORDED} | {loss} | "
+                    f"{s.get('hardware', NOT_RECORDED)} | {s.get('wall_time_s', NOT_RECORDED)} s |")
+    return "\n".join(rows)
+
+
+def _backbone_name(spec: str | None, sub_config: dict) -> str:
+    """The Hub id the backbone came from, or what it is when it was built or read locally."""
+    if spec and not os.path.exists(spec) and "/" in spec:
+        return spec
+    kind = "tiny preset, built locally" if spec and spec.startswith("tiny-") else "local folder"
+    return f"{spec or sub_config.get('model_type')} ({kind}, width {sub_config.get('hidden_size')}, " \
+           f"{sub_config.get('num_hidden_layers')} layers)"
+
+
+def write_card(folder: str | os.PathLike, repo_id: str | None = None, title: str | None = None) -> Path:
+    """(Re)writes README.md in a checkpoint folder from its recorded facts."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    facts_path, build_path = folder / "cvlm_training.json", folder / BUILD_FACTS
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else None
+    built = json.loads(build_path.read_text()) if build_path.exists() else {}
+
+    from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
+
+    cvlm_config = ConnectorVLMConfig.from_dict(config)
+    connector_cls = CONNECTORS[cvlm_config.connector_type]
+    vision = _backbone_name(built.get("vision"), config["vision_config"])
+    llm = _backbone_name(built.get("llm"), config["text_config"])
+    base_models = [n for n in (vision, llm) if "(" not in n]
+    citations = [PAPERS["connectors"]] + ([PAPERS["dense"]] if cvlm_config.connector_type.startswith("dense") else [])
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-text-to-text", license="apache-2.0",
+        tags=["connector-vlm", f"connector-{cvlm_config.connector_type}", connector_cls.family, "custom_code"],
+        base_model=base_models or None,
+    )
+    grid = cvlm_config.vision_grid
+    card = ModelCard.from_template(
+        data, template_str=TEMPLATE,
+        title=repo_id or title or folder.name,
+        vision=vision, llm=llm, connector=cvlm_config.connector_type, family=connector_cls.family,
+        num_tokens=cvlm_config.num_image_tokens, hyper=", ".join(f"`{k}={json.dumps(v)}`" for k, v in
+                                                                 cvlm_config.connector_config.items()) or "none",
+        image_size="x".join(map(str, cvlm_config.vision_image_size)), grid=f"{grid[0]}x{grid[1]}",
+        layers=cvlm_config.connector_vision_layers, strategy=cvlm_config.vision_feature_select_strategy,
+        source=connector_cls.source, training=_training_section(facts), repo=repo_id or "path/to/this/folder",
+        limitations=("Trained on the data listed above only; evaluation results: " + NOT_RECORDED + ". "
+                     "Loading runs this repository's Python code (trust_remote_code=True): pin a revision."),
+        citations="\n".join(f"- {c}" for c in citations),
+    )
+    path = folder / "README.md"
+    tmp = folder / "README.md.tmp"
+    card.save(tmp)
+    os.replace(tmp, path)
+    return path
