@@ -115,6 +115,19 @@ def _cmd_bench_train(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from cvlm.eval.runner import evaluate_model
+
+    results = evaluate_model(args.model, args.benchmark, args.data, args.output, limit=args.limit,
+                             batch_size=args.batch_size, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                             image_folder=args.image_folder, mapping_file=args.mapping, dtype=args.dtype)
+    if results is not None:  # the first process of a multi-process run reports
+        from pathlib import Path
+
+        print((Path(args.output) / "results.md").read_text())
+    return 0
+
+
 def _cmd_card(args) -> int:
     from cvlm.model_cards.card import write_card
 
@@ -142,6 +155,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", required=True, help="folder to write the checkpoint to")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("eval", help="score a checkpoint on MME / MMBench / SEED-Bench with the granularity breakdown")
+    p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
+    p.add_argument("--benchmark", required=True, choices=["mme", "mmbench", "seed_bench"])
+    p.add_argument("--data", required=True, help="the benchmark's files (see README) or a Hub id")
+    p.add_argument("--image-folder", "--image_folder", help="SEED-Bench JSON: the folder of its images")
+    p.add_argument("--output", required=True, help="folder for predictions.jsonl, results.json, results.md")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=8)
+    p.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=16)
+    p.add_argument("--mapping", help="your own subtask -> granularity JSON (default: eval/granularity_mapping.json)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("card", help="(re)write README.md of a checkpoint folder from its recorded facts")
     p.add_argument("folder")

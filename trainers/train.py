@@ -184,6 +184,15 @@ class CheckpointCodeCallback(TrainerCallback):
                 self.processor.save_pretrained(checkpoint)
 
 
+class LogEndsCallback(TrainerCallback):
+    """Logs the loss at the first and the last step whatever --logging_steps is, so that every run
+    records a start and a final loss (and the loss curve has both ends)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in (1, state.max_steps):
+            control.should_log = True
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N whose trainer_state.json (written last) parses and says step N: a
     save interrupted halfway is never resumed from."""
@@ -259,7 +268,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     source_dir = Path(sys.modules[ConnectorVLMForConditionalGeneration.__module__].__file__).parent
     trainer = ConnectorTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=Collator(processor), processing_class=processor,
-        connector_lr=model_args.connector_lr, callbacks=[CheckpointCodeCallback(str(source_dir), processor)],
+        connector_lr=model_args.connector_lr, callbacks=[CheckpointCodeCallback(str(source_dir), processor), LogEndsCallback()],
     )
     if args.world_size > 1 and trainer.accelerator.distributed_type.value == "NO":
         raise ValueError(f"{args.world_size} processes were launched but they do not train together; on CPUs "

@@ -1,0 +1,219 @@
+"""Loaders for the benchmark files users have: MME, MMBench and SEED-Bench in their real formats.
+
+Every loader returns `(questions, problems)`: the readable questions, and one line per row that
+could not be read (bad base64, missing image), naming its id — the rest is still scored.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+MME_INSTRUCTION = "Answer the question using a single word or phrase."
+LETTERS = "ABCDEFGHI"
+
+
+@dataclass
+class Question:
+    benchmark: str
+    id: str  # unique per question (one line of predictions.jsonl)
+    image: object  # a PIL image, an image path, or None
+    prompt: str  # the full user prompt, instruction included
+    answer: str  # the reference, as the metric takes it
+    choices: list[str] = field(default_factory=list)  # option texts (multiple choice); Yes/No for MME
+    fields: dict = field(default_factory=dict)  # what the metric module takes besides predictions/references
+
+    def load_image(self) -> Image.Image | None:
+        if self.image is None:
+            return None
+        if isinstance(self.image, Image.Image):
+            return self.image.convert("RGB")
+        with Image.open(self.image) as handle:
+            return handle.convert("RGB")
+
+
+def _table(path: str, split: str | None):
+    """Rows of a `datasets` layout: a folder of parquet files, a saved dataset, one parquet file, or a Hub id."""
+    import datasets
+
+    p = Path(path)
+    if p.is_dir() and (p / "dataset_info.json").exists() or (p.is_dir() and (p / "dataset_dict.json").exists()):
+        data = datasets.load_from_disk(path)
+        return data[split or next(iter(data))] if isinstance(data, datasets.DatasetDict) else data
+    files = sorted(p.rglob("*.parquet")) if p.is_dir() else ([p] if p.suffix == ".parquet" else [])
+    if files:
+        if split:
+            files = [f for f in files if split in f.name] or files
+        return datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    if p.exists():
+        raise ValueError(f"{path} holds no parquet files or saved dataset.")
+    return datasets.load_dataset(path, split=split or "test")
+
+
+def _options_block(choices: list[str]) -> str:
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip().lower() in ("", "nan", "none")
+
+
+# ---- MME -------------------------------------------------------------------------------------------------
+MME_SUBTASKS = ["existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR",
+                "commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
+
+
+def _mme_prompt(question: str) -> str:
+    for tail in (" Please answer yes or no.", "  Please answer yes or no.", "Please answer yes or no."):
+        if question.endswith(tail):
+            return question[: -len(tail)].rstrip() + "\n" + MME_INSTRUCTION
+    return question + "\n" + MME_INSTRUCTION
+
+
+def load_mme(path: str, split: str | None = None):
+    """The original release folders (`<subtask>/questions_answers_YN/*.txt` + `images/`, or image and
+    txt side by side) or the lmms-lab/MME `datasets` layout (question_id, image, question, answer,
+    category)."""
+    root = Path(path)
+    if root.is_dir() and any((root / s).is_dir() for s in MME_SUBTASKS):
+        return _load_mme_release(root)
+    questions, problems, seen = [], [], {}
+    for row in _table(path, split):
+        qid = str(row["question_id"])
+        k = seen[qid] = seen.get(qid, 0) + 1
+        if row.get("image") is None:
+            problems.append(f"{qid}#{k}: no image")
+            continue
+        questions.append(Question("mme", f"{qid}#{k}", row["image"], _mme_prompt(row["question"]), row["answer"],
+                                  ["Yes", "No"], {"question_id": qid, "category": row["category"]}))
+    return questions, problems
+
+
+def _load_mme_release(root: Path):
+    questions, problems = [], []
+    for subtask in MME_SUBTASKS:
+        folder = root / subtask
+        if not folder.is_dir():
+            continue
+        qa_dir = folder / "questions_answers_YN" if (folder / "questions_answers_YN").is_dir() else folder
+        image_dir = folder / "images" if (folder / "images").is_dir() else folder
+        for txt in sorted(qa_dir.glob("*.txt")):
+            images = [p for p in image_dir.glob(txt.stem + ".*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+            qid = f"{subtask}/{txt.stem}"
+            lines = [line for line in txt.read_text().splitlines() if line.strip()]
+            if not images:
+                problems.append(f"{qid}: image {txt.stem}.* not found in {image_dir}")
+                continue
+            for k, line in enumerate(lines, 1):
+                question, _, answer = line.rpartition("\t")
+                questions.append(Question("mme", f"{qid}#{k}", str(images[0]), _mme_prompt(question.strip()),
+                                          answer.strip(), ["Yes", "No"], {"question_id": qid, "category": subtask}))
+    return questions, problems
+
+
+# ---- MMBench ---------------------------------------------------------------------------------------------
+def _mmbench_question(row: dict, image) -> Question:
+    index = int(row["index"])
+    choices = [str(row[letter]) for letter in "ABCD" if letter in row and not _is_missing(row[letter])]
+    hint = "" if _is_missing(row.get("hint")) else str(row["hint"]).strip() + "\n"
+    prompt = f"{hint}{row['question']}\n{_options_block(choices)}\n{MCQ_INSTRUCTION}"
+    l2 = row.get("l2-category", row.get("L2-category", row.get("l2_category", "")))
+    return Question("mmbench", str(index), image, prompt, str(row.get("answer", "")).strip(), choices,
+                    {"index": index, "category": str(row.get("category", "")), "l2_category": str(l2)})
+
+
+def _decode_base64_image(data: str):
+    return Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
+
+
+def load_mmbench(path: str, split: str | None = None):
+    """The official TSV (base64 images; circular copies at index >= 1e6) or the lmms-lab/MMBench
+    `datasets` layout."""
+    questions, problems = [], []
+    if path.endswith(".tsv"):
+        import csv
+
+        csv.field_size_limit(1 << 30)
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        images = {}
+        for row in rows:  # circular copies may carry the original's index instead of an image
+            data = row.get("image", "")
+            index = int(row["index"])
+            if len(data) < 64 and data.strip().isdigit():
+                images[index] = images.get(int(data))
+                continue
+            try:
+                images[index] = _decode_base64_image(data)
+            except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+                images[index] = None
+            if images[index] is None:
+                problems.append(f"{index}: the image is not valid base64 of an image file")
+        for row in rows:
+            index = int(row["index"])
+            if images.get(index) is not None:
+                questions.append(_mmbench_question(row, images[index]))
+        return questions, problems
+    for row in _table(path, split):
+        if row.get("image") is None:
+            problems.append(f"{row['index']}: no image")
+            continue
+        questions.append(_mmbench_question(row, row["image"]))
+    return questions, problems
+
+
+# ---- SEED-Bench ------------------------------------------------------------------------------------------
+def _seed_question(row: dict, image) -> Question:
+    choices = [str(row[f"choice_{x}"]) for x in "abcd"]
+    prompt = f"{row['question']}\n{_options_block(choices)}\n{MCQ_INSTRUCTION}"
+    return Question("seed_bench", str(row["question_id"]), image, prompt, str(row["answer"]).strip(), choices,
+                    {"question_type_id": int(row["question_type_id"])})
+
+
+def load_seed_bench(path: str, image_folder: str | None = None, split: str | None = None):
+    """The SEED-Bench JSON (`{"questions": [...]}`) + its image folder, or the lmms-lab/SEED-Bench
+    `datasets` layout. Image questions only (data_type == "image")."""
+    questions, problems = [], []
+    if path.endswith(".json"):
+        data = json.loads(Path(path).read_text())
+        folder = Path(image_folder) if image_folder else Path(path).parent
+        for row in data["questions"] if isinstance(data, dict) else data:
+            if row.get("data_type", "image") != "image":
+                continue
+            image = folder / str(row["data_id"])
+            if not image.exists():
+                problems.append(f"{row['question_id']}: image {image} not found (check --image-folder)")
+                continue
+            questions.append(_seed_question(row, str(image)))
+        return questions, problems
+    for row in _table(path, split):
+        if row.get("data_type", "image") != "image":
+            continue
+        images = row.get("image")
+        image = images[0] if isinstance(images, list) and images else images
+        if image is None:
+            problems.append(f"{row['question_id']}: no image")
+            continue
+        questions.append(_seed_question(row, image))
+    return questions, problems
+
+
+LOADERS = {"mme": load_mme, "mmbench": load_mmbench, "seed_bench": load_seed_bench}
+
+
+def load_benchmark(benchmark: str, path: str, image_folder: str | None = None, split: str | None = None):
+    if benchmark not in LOADERS:
+        raise ValueError(f"--benchmark {benchmark!r} is unknown. Allowed values: {', '.join(LOADERS)}.")
+    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(f"{path} does not exist here, and HF_HUB_OFFLINE=1 forbids reading it from the Hub.")
+    if benchmark == "seed_bench":
+        return load_seed_bench(path, image_folder=image_folder, split=split)
+    return LOADERS[benchmark](path, split=split)

@@ -1,0 +1,267 @@
+"""`cvlm eval`: any checkpoint of the family on MME / MMBench / SEED-Bench, scored by the metric
+modules in eval/metrics, with the granularity breakdown and speed figures from the same run.
+
+Outputs in `--output`: `predictions.jsonl` (one line per question: raw answer, parsed answer,
+timing), `results.json`, `results.md`. An interrupted run resumes from `predictions.jsonl` without
+asking finished questions again. Under `torchrun` / `accelerate launch` each process answers its
+share of the questions; the first one merges and scores them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.generation.streamers import BaseStreamer
+
+from .loaders import LETTERS, Question, load_benchmark
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+MAPPING_FILE = Path(__file__).parent / "granularity_mapping.json"
+MODES = ("generate", "likelihood")
+
+
+def load_metric(name: str):
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def metric_function(metric, name: str):
+    """A helper function of a loaded metric script (its answer parser), so parsing lives in one place."""
+    return getattr(sys.modules[type(metric).__module__], name)
+
+
+class _PrefillClock(BaseStreamer):
+    """Timestamps the end of prefill: `generate` hands the streamer the prompt first, then each new token."""
+
+    def __init__(self):
+        self.calls, self.first_token = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first_token = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", "0")), world
+
+
+def _read_predictions(folder: Path) -> dict:
+    done = {}
+    for path in sorted(folder.glob("predictions*.jsonl")):
+        for line in path.read_text().splitlines():
+            if _parses(line):  # a line cut by an interruption is asked again
+                row = json.loads(line)
+                done[row["id"]] = row
+    return done
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _messages(question: Question) -> list[dict]:
+    content = ([{"type": "image"}] if question.image is not None else []) + [{"type": "text", "text": question.prompt}]
+    return [{"role": "user", "content": content}]
+
+
+@torch.inference_mode()
+def _answer_generate(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
+    texts = [processor.apply_chat_template(_messages(q), add_generation_prompt=True) for q in batch]
+    images = [q.load_image() for q in batch if q.image is not None]
+    inputs = processor(images=images or None, text=texts, padding=True, return_tensors="pt").to(model.device)
+    clock = _PrefillClock()
+    start = time.perf_counter()
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
+    end = time.perf_counter()
+    new = output[:, inputs["input_ids"].shape[1]:]
+    answers = processor.batch_decode(new, skip_special_tokens=True)
+    first = clock.first_token or end
+    pad = processor.tokenizer.pad_token_id
+    decoded = int((new != pad).sum()) - len(batch)  # tokens after the first, which prefill produced
+    return answers, {"prefill_s": first - start, "decode_s": end - first, "decode_tokens": max(decoded, 0)}
+
+
+@torch.inference_mode()
+def _answer_likelihood(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
+    """Ranks each question's options by the log-likelihood of their text after the prompt (SEED-Bench's
+    official protocol); the answer is the best option's letter (Yes/No for MME)."""
+    answers, start = [], time.perf_counter()
+    for q in batch:
+        prompt = processor.apply_chat_template(_messages(q), add_generation_prompt=True)
+        images = [q.load_image()] if q.image is not None else None
+        texts = [prompt + choice for choice in q.choices]
+        inputs = processor(images=images * len(texts) if images else None, text=texts, padding=True,
+                           return_tensors="pt").to(model.device)
+        prompt_len = len(processor(images=images, text=[prompt])["input_ids"][0])
+        logits = model(**inputs).logits.float()
+        logprobs = logits[:, :-1].log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
+        scores = []
+        for i in range(len(texts)):
+            length = int(inputs["attention_mask"][i].sum())
+            pad_left = inputs["input_ids"].shape[1] - length  # left padding
+            answer_positions = slice(pad_left + prompt_len - 1, None)
+            scores.append(float(logprobs[i, answer_positions].sum()))
+        best = max(range(len(scores)), key=scores.__getitem__)
+        answers.append(q.choices[best] if q.benchmark == "mme" else LETTERS[best])
+    return answers, {"prefill_s": time.perf_counter() - start, "decode_s": 0.0, "decode_tokens": 0}
+
+
+def _parse(benchmark: str, metric, raw: str, question: Question):
+    if benchmark == "mme":
+        return metric_function(metric, "parse_yes_no")(raw)
+    if benchmark == "mmbench":
+        return metric_function(metric, "extract_option")(raw, question.choices)
+    return metric_function(metric, "parse_letter")(raw)
+
+
+def score(benchmark: str, rows: list[dict], metric=None, mapping_file: str | Path = MAPPING_FILE) -> dict:
+    """The metric module's result and the granularity breakdown for prediction rows."""
+    metric = metric or load_metric(benchmark)
+    predictions, references = [r["raw"] for r in rows], [r["answer"] for r in rows]
+    fields = {k: [r["fields"][k] for r in rows] for k in rows[0]["fields"]}
+    if benchmark == "mmbench":
+        fields["choices"] = [r["choices"] for r in rows]
+    result = metric.compute(predictions=predictions, references=references, **fields)
+    if benchmark == "mme":
+        subtasks = {k: (v["score"], v["num_questions"]) for k, v in result["subtasks"].items()}
+    elif benchmark == "mmbench":
+        subtasks = {k: (v["circular"], v["num_questions"]) for k, v in result["per_category"].items()}
+    else:
+        subtasks = {k: (v["accuracy"], v["num_questions"]) for k, v in result["per_dimension"].items()}
+    granularity = load_metric("granularity").compute(
+        benchmark=[benchmark] * len(subtasks), subtask=list(subtasks), score=[s for s, _ in subtasks.values()],
+        num_questions=[n for _, n in subtasks.values()], mapping_file=str(mapping_file))
+    return {"metrics": result, "granularity": granularity}
+
+
+def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit: int | None = None,
+                   batch_size: int = 8, mode: str = "generate", max_new_tokens: int = 16,
+                   image_folder: str | None = None, mapping_file: str | None = None, dtype: str = "float32") -> dict | None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    if mode not in MODES:
+        raise ValueError(f"--mode {mode!r} is invalid. Allowed values: {', '.join(MODES)}.")
+    rank, world = _distributed()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    questions, problems = load_benchmark(benchmark, data, image_folder=image_folder)
+    questions = questions[:limit] if limit else questions
+    if not questions:
+        raise ValueError(f"{data} gave no readable {benchmark} question ({len(problems)} unreadable rows).")
+    metric = load_metric(benchmark)
+    done = _read_predictions(out)
+    mine = [q for i, q in enumerate(questions) if i % world == rank]
+    # Batches keep their places in the question order, so a resumed run asks each unfinished
+    # question in the same batch (same padding) as an uninterrupted run would.
+    batches = [[q for q in mine[i : i + batch_size] if q.id not in done] for i in range(0, len(mine), batch_size)]
+    batches = [b for b in batches if b]
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True,
+                                                        dtype=getattr(torch, dtype)).to(device).eval()
+    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    answer = _answer_generate if mode == "generate" else _answer_likelihood
+    path = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
+    if path.exists():  # drop a line an interruption cut short, so that appended lines stay whole
+        kept = [line for line in path.read_text().splitlines() if _parses(line)]
+        _write_atomic(path, "".join(line + "\n" for line in kept))
+    with open(path, "a") as handle, tqdm(total=sum(map(len, batches)), desc=f"{benchmark} ({mode})",
+                                         disable=rank != 0) as bar:
+        for batch in batches:
+            raws, timing = answer(model, processor, batch, max_new_tokens)
+            batch_id = f"{rank}:{time.time_ns()}"  # timing is per batch
+            for q, raw in zip(batch, raws):
+                row = {"id": q.id, "raw": raw, "parsed": _parse(benchmark, metric, raw, q), "answer": q.answer,
+                       "choices": q.choices, "fields": q.fields, "batch": batch_id, "batch_size": len(batch), **timing}
+                handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            bar.update(len(batch))
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+
+    done = _read_predictions(out)
+    rows = [done[q.id] for q in questions if q.id in done]
+    merged = out / "predictions.jsonl"
+    tmp = merged.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, merged)
+    for stale in out.glob("predictions.rank*.jsonl"):
+        stale.unlink()
+    scored = score(benchmark, rows, metric, mapping_file or MAPPING_FILE)
+    batches = {r["batch"]: r for r in rows}  # timing is per batch: count each batch once
+    decode_s = sum(b["decode_s"] for b in batches.values())
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    results = {
+        "benchmark": benchmark, "model": model_id, "data": data, "mode": mode, "num_questions": len(rows),
+        "unreadable_rows": problems, **scored,
+        "speed": {
+            "visual_tokens_per_image": model.config.num_image_tokens,
+            "mean_prefill_latency_s": sum(b["prefill_s"] for b in batches.values()) / len(batches),
+            "decode_tokens_per_s": (sum(b["decode_tokens"] for b in batches.values()) / decode_s) if decode_s else None,
+            "peak_memory_mb": peak, "peak_memory_kind": "cuda allocated" if device == "cuda" else "process max RSS",
+            "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "batch_size": batch_size,
+        },
+    }
+    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    _write_atomic(out / "results.md", markdown(results))
+    return results
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown(results: dict) -> str:
+    m, g, s = results["metrics"], results["granularity"], results["speed"]
+    if results["benchmark"] == "mme":
+        head = f"perception {m['perception_score']:.2f} / 2000, cognition {m['cognition_score']:.2f} / 800"
+        subtasks = {k: f"{v['score']:.2f} (acc {100 * v['acc']:.1f}, acc+ {100 * v['acc_plus']:.1f})" for k, v in m["subtasks"].items()}
+    elif results["benchmark"] == "mmbench":
+        head = f"CircularEval {100 * m['circular_accuracy']:.1f} %, single pass {100 * m['single_pass_accuracy']:.1f} %"
+        subtasks = {k: f"{100 * v['circular']:.1f} (single pass {100 * v['single_pass']:.1f})" for k, v in m["per_category"].items()}
+    else:
+        head = f"accuracy {100 * m['accuracy']:.1f} %"
+        subtasks = {k: f"{100 * v['accuracy']:.1f}" for k, v in m["per_dimension"].items()}
+    lines = [f"# {results['benchmark']}: {results['model']}", "", f"{results['num_questions']} questions, "
+             f"{results['mode']} mode: {head}", "", "| granularity | macro % | micro % | subtasks |", "|---|---|---|---|"]
+    for name in ("coarse", "fine", "reasoning"):
+        lines.append(f"| {name} | {_pct(g[name]['macro'])} | {_pct(g[name]['micro'])} | {g[name]['num_subtasks']} |")
+    lines += ["", "| subtask | score |", "|---|---|"] + [f"| {k} | {v} |" for k, v in subtasks.items()]
+    rate = s["decode_tokens_per_s"]
+    lines += ["", f"Speed ({s['device']}, batch {s['batch_size']}): {s['visual_tokens_per_image']} visual tokens per "
+              f"image, mean prefill {1000 * s['mean_prefill_latency_s']:.1f} ms per batch, decode "
+              f"{'-' if rate is None else f'{rate:.1f}'} tokens/s, peak memory {s['peak_memory_mb']:.0f} MB "
+              f"({s['peak_memory_kind']})."]
+    if results["unreadable_rows"]:
+        lines += ["", f"Unreadable rows ({len(results['unreadable_rows'])}): " + "; ".join(results["unreadable_rows"][:20])]
+    return "\n".join(lines) + "\n"
