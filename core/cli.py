@@ -128,6 +128,24 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_push(args) -> int:
+    from cvlm.model_cards.push import push
+
+    report = push(args.folder, args.repo_id, private=args.private, revision=args.revision,
+                  commit_message=args.commit_message, dry_run=args.dry_run, adapter=args.adapter,
+                  base_model=args.base_model, force=args.force)
+    print(f"{'would upload' if args.dry_run else 'uploaded'} {len(report['files'])} files "
+          f"({report['total_bytes'] / 2**20:.2f} MiB) from {report['folder']} to {report['repo_id']}")
+    for name, size in report["files"]:
+        print(f"  {size:>12,}  {name}")
+    if "load_check" in report:
+        print(f"clean-process load check: {report['load_check']}")
+    print("card metadata:", json.dumps(report["card_metadata"], indent=2))
+    if "commit" in report:
+        print(f"commit: {report['commit']}")
+    return 0
+
+
 def _cmd_card(args) -> int:
     from cvlm.model_cards.card import write_card
 
@@ -169,6 +187,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping", help="your own subtask -> granularity JSON (default: eval/granularity_mapping.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("push", help="publish a checkpoint folder (or its LoRA adapter) to the Hub in one commit")
+    p.add_argument("folder")
+    p.add_argument("--repo-id", "--repo_id", required=True, help="ORG/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="a branch to push to (created if needed)")
+    p.add_argument("--commit-message", "--commit_message")
+    p.add_argument("--dry-run", "--dry_run", action="store_true", help="check and list, no network")
+    p.add_argument("--adapter", action="store_true", help="push the training run's LoRA adapter (adapter/) alone")
+    p.add_argument("--base-model", "--base_model", help="with --adapter: the Hub repo of its base checkpoint")
+    p.add_argument("--force", action="store_true", help="overwrite files the repo already holds")
+    p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("card", help="(re)write README.md of a checkpoint folder from its recorded facts")
     p.add_argument("folder")

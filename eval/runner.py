@@ -228,6 +228,12 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     }
     _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     _write_atomic(out / "results.md", markdown(results))
+    if (Path(model_id) / "config.json").exists():  # a local checkpoint: its card shows the new results
+        from cvlm.model_cards.card import EVAL_DIR, write_card
+
+        (Path(model_id) / EVAL_DIR).mkdir(exist_ok=True)
+        _write_atomic(Path(model_id) / EVAL_DIR / f"{benchmark}.json", json.dumps(results, indent=2) + "\n")
+        write_card(model_id)
     return results
 
 
