@@ -163,3 +163,52 @@ def bench_train(steps: int = 20, batch_size: int = 8, image_size: int = 128, vis
             facts = json.loads((out / "cvlm_training.json").read_text())
             speeds[name].append(facts["samples_per_second"])
     return [{"run": name, "samples_per_second": statistics.median(values)} for name, values in speeds.items()]
+
+
+def bench_overhead(image_size: int = 192, vision_width: int = 256, vision_layers: int = 6, llm_width: int = 512,
+                   llm_layers: int = 4, new_tokens: int = 16, repeats: int = 10, warmup: int = 2, dtype: str = "float32",
+                   device: str = "cpu", workdir: str | None = None) -> list[dict]:
+    """Our model vs transformers' LlavaForConditionalGeneration on the same converted weights and the
+    same processed inputs: forward time and greedy generate time (prefill + `new_tokens` decode
+    steps), timed in interleaved rounds; each row's ratio is ours / LLaVA's median."""
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    from cvlm.build import build
+    from cvlm.convert import to_llava
+    from cvlm.modeling import ConnectorVLMForConditionalGeneration
+
+    root = Path(workdir or tempfile.mkdtemp(prefix="cvlm-bench-overhead-"))
+    build(root / "ours", vision="tiny-clip", llm="tiny-llama", connector="mlp", image_size=image_size,
+          vision_width=vision_width, vision_layers=vision_layers, llm_width=llm_width, llm_layers=llm_layers)
+    to_llava(root / "ours", root / "llava")
+    torch_dtype, target = getattr(torch, dtype), torch.device(device)
+    ours = ConnectorVLMForConditionalGeneration.from_pretrained(root / "ours", dtype=torch_dtype).to(target).eval()
+    llava = LlavaForConditionalGeneration.from_pretrained(root / "llava", dtype=torch_dtype).to(target).eval()
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(root / "llava")
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True)
+    inputs = processor(images=[demo_image(256)], text=[text], return_tensors="pt").to(target)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
+    tasks = {
+        "forward": lambda m: m(**inputs),
+        f"generate ({new_tokens} tokens)": lambda m: m.generate(**inputs, max_new_tokens=new_tokens,
+                                                                min_new_tokens=new_tokens, do_sample=False),
+    }
+    times = {(task, who): [] for task in tasks for who in ("ours", "llava")}
+    with torch.inference_mode():
+        for round_index in range(warmup + repeats):
+            for task, fn in tasks.items():
+                for who, model in (("ours", ours), ("llava", llava)):
+                    seconds = _timed(lambda: fn(model), target)
+                    if round_index >= warmup:
+                        times[(task, who)].append(seconds)
+    rows = []
+    for task in tasks:
+        ours_ms = statistics.median(times[(task, "ours")]) * 1e3
+        llava_ms = statistics.median(times[(task, "llava")]) * 1e3
+        rows.append({"task": task, "ours_ms": ours_ms, "llava_ms": llava_ms, "ratio": ours_ms / llava_ms})
+    return rows

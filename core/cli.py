@@ -153,6 +153,37 @@ def _cmd_card(args) -> int:
     return 0
 
 
+def _cmd_bench_overhead(args) -> int:
+    import platform
+
+    import torch
+
+    from cvlm.bench import bench_overhead
+
+    rows = bench_overhead(image_size=args.image_size, vision_width=args.vision_width, vision_layers=args.vision_layers,
+                          llm_width=args.llm_width, llm_layers=args.llm_layers, new_tokens=args.new_tokens,
+                          repeats=args.repeats, dtype=args.dtype, device=args.device)
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.machine()
+    print(f"cvlm bench overhead: mlp connector, ViT width {args.vision_width} x {args.vision_layers}, {args.image_size}px, "
+          f"LM width {args.llm_width} x {args.llm_layers}; {args.dtype} on {args.device} ({device}, torch "
+          f"{torch.__version__}); median of {args.repeats} interleaved rounds")
+    print(f"{'':<24}{'ours ms':>10}{'LLaVA ms':>10}{'ratio':>8}")
+    for r in rows:
+        print(f"{r['task']:<24}{r['ours_ms']:>10.2f}{r['llava_ms']:>10.2f}{r['ratio']:>8.3f}")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from cvlm.convert import from_llava, to_llava
+
+    if args.direction == "from-llava":
+        path = from_llava(args.source, args.output, projector=args.projector, vision=args.vision)
+    else:
+        path = to_llava(args.source, args.output)
+    print(f"wrote {path}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +218,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping", help="your own subtask -> granularity JSON (default: eval/granularity_mapping.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("convert", help="LLaVA checkpoints in and out of the family")
+    p.add_argument("direction", choices=["from-llava", "to-llava"])
+    p.add_argument("source", help="from-llava: a LlavaForConditionalGeneration or LLaVA-repo checkpoint; "
+                                  "to-llava: a connector-vlm checkpoint")
+    p.add_argument("--output", required=True)
+    p.add_argument("--projector", help="LLaVA repo: the mm_projector.bin / .safetensors of a stage-1 run")
+    p.add_argument("--vision", help="LLaVA repo: the vision tower (default: the config's mm_vision_tower)")
+    p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("push", help="publish a checkpoint folder (or its LoRA adapter) to the Hub in one commit")
     p.add_argument("folder")
@@ -249,6 +289,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-layers", "--llm_layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.set_defaults(func=_cmd_bench_train)
+
+    p = bench.add_parser("overhead", help="our model vs transformers' LlavaForConditionalGeneration, same weights")
+    p.add_argument("--image-size", "--image_size", type=int, default=192)
+    p.add_argument("--vision-width", "--vision_width", type=int, default=256)
+    p.add_argument("--vision-layers", "--vision_layers", type=int, default=6)
+    p.add_argument("--llm-width", "--llm_width", type=int, default=512)
+    p.add_argument("--llm-layers", "--llm_layers", type=int, default=4)
+    p.add_argument("--new-tokens", "--new_tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_bench_overhead)
     return parser
 
 

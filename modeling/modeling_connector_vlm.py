@@ -67,8 +67,12 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
                 f"pixel_values are {tuple(pixel_values.shape[-2:])} (HxW) but the vision encoder is configured "
                 f"for {expected}. Prepare images with this checkpoint's processor (AutoProcessor)."
             )
-        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=True, return_dict=True)
-        selected = [outputs.hidden_states[i] for i in config.connector_vision_layers]
+        layers = config.connector_vision_layers
+        # A list asks transformers to keep only those hidden states (the others come back as None);
+        # encoders that take a plain flag treat it as True and keep them all.
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=list(layers),
+                                    return_dict=True)
+        selected = [outputs.hidden_states[i] for i in layers]
         grid_h, grid_w = config.vision_grid
         num_patches, num_prefix = grid_h * grid_w, config.num_vision_prefix_tokens
         seq_len = selected[0].shape[1]

@@ -1,0 +1,245 @@
+"""LLaVA checkpoints in and out of the family: weights renamed, never re-initialised.
+
+- `from_llava(SRC, OUT)`: a transformers `LlavaForConditionalGeneration` checkpoint (Hub id or
+  folder), or a LLaVA-repo checkpoint (a LM folder whose config has `mm_projector_type`, with the
+  projector in its shards or in `mm_projector.bin/.safetensors`), becomes a family checkpoint with
+  the `mlp` (or `linear`) connector, the same feature layer(s), select strategy, tokenizer, chat
+  template and image processor.
+- `to_llava(DIR, OUT)`: back to `LlavaForConditionalGeneration`, for the connectors LLaVA can
+  express: `mlp` with 2 layers, `linear` (as Linear, identity activation, identity Linear), and
+  multi-layer channel concatenation. Anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+from cvlm.build import save_checkpoint
+from cvlm.modeling import ConnectorVLMConfig, ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
+
+PROJECTOR = {"model.multi_modal_projector.linear_1.": "model.connector.layers.0.",
+             "model.multi_modal_projector.linear_2.": "model.connector.layers.2."}
+
+
+class ConversionError(ValueError):
+    """What cannot be converted, and why."""
+
+
+def _num_prefix(config: ConnectorVLMConfig) -> int:
+    return config.num_vision_prefix_tokens
+
+
+# ---- from LLaVA ---------------------------------------------------------------------------------
+def from_llava(source: str, output: str | os.PathLike, projector: str | None = None, vision: str | None = None) -> Path:
+    """Converts a transformers LLaVA checkpoint or a LLaVA-repo checkpoint; returns the output folder."""
+    config_path = Path(source) / "config.json"
+    raw = json.loads(config_path.read_text()) if config_path.exists() else None
+    if raw is not None and "mm_projector_type" in raw:
+        return _from_llava_repo(source, raw, output, projector, vision)
+    llava = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto")
+    from transformers import AutoProcessor
+
+    llava_processor = AutoProcessor.from_pretrained(source)
+    lc = llava.config
+    strategy = lc.vision_feature_select_strategy
+    config = ConnectorVLMConfig(
+        vision_config=lc.vision_config.to_dict(), text_config=lc.text_config.to_dict(), connector_type="mlp",
+        connector_config={"depth": 2, "act": lc.projector_hidden_act, "bias": lc.multimodal_projector_bias},
+        vision_feature_layer=lc.vision_feature_layer, vision_feature_select_strategy=strategy,
+        image_token_id=lc.image_token_id, tie_word_embeddings=getattr(lc, "tie_word_embeddings", False),
+    )
+    if strategy == "default" and _num_prefix(config) != 1:
+        raise ConversionError(
+            f"{source}: LLaVA's 'default' strategy drops the first token, but this encoder "
+            f"({config.vision_config.model_type}) has {_num_prefix(config)} prefix tokens, so LLaVA drops a real "
+            "patch; connector-vlm keeps every patch and cannot express that. Use the 'full' strategy in LLaVA."
+        )
+    state = {}
+    for key, value in llava.state_dict().items():
+        for old, new in PROJECTOR.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+        state[key] = value
+    model = _assemble(config, state, llava.dtype)
+    model.generation_config = llava.generation_config
+    processor = ConnectorVLMProcessor(image_processor=llava_processor.image_processor, tokenizer=llava_processor.tokenizer,
+                                      num_image_tokens=config.num_image_tokens, chat_template=llava_processor.chat_template,
+                                      image_token=llava_processor.image_token)
+    model.build_facts = {"converted_from": str(source), "format": "transformers LlavaForConditionalGeneration"}
+    return save_checkpoint(model, processor, output)
+
+
+def _assemble(config: ConnectorVLMConfig, state: dict, dtype) -> ConnectorVLMForConditionalGeneration:
+    with torch.device("meta"):
+        model = ConnectorVLMForConditionalGeneration(config)
+    mine = set(model.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        mine.discard("lm_head.weight")
+    missing, unexpected = sorted(mine - set(state)), sorted(set(state) - mine)
+    if missing or unexpected:
+        raise ConversionError(f"Weights do not map one to one: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def _from_llava_repo(source: str, raw: dict, output, projector: str | None, vision: str | None) -> Path:
+    """The LLaVA repo's format: an LM folder (model_type llava_llama / llava_mistral ...) with
+    mm_projector_type, mm_vision_select_layer, mm_vision_select_feature and mm_vision_tower."""
+    kind = raw["mm_projector_type"]
+    match = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if kind != "linear" and not match:
+        raise ConversionError(f"{source}: mm_projector_type {kind!r} is not supported. Allowed: linear, mlpNx_gelu.")
+    base_type = raw["model_type"].replace("llava_", "") if raw["model_type"].startswith("llava_") else raw["model_type"]
+    text_config = {k: v for k, v in raw.items() if not k.startswith("mm_") and k not in ("auto_map", "architectures")}
+    text_config["model_type"] = {"llava": "llama", "llava_llama": "llama"}.get(raw["model_type"], base_type)
+    lm_state = _read_shards(Path(source))
+    proj_state = {k.split("mm_projector.", 1)[1]: v for k, v in lm_state.items() if "mm_projector." in k}
+    if projector:
+        proj_state = _read_weights(Path(projector))
+        proj_state = {k.split("mm_projector.", 1)[1] if "mm_projector." in k else k: v for k, v in proj_state.items()}
+    if not proj_state:
+        raise ConversionError(f"{source} holds no mm_projector weights: pass --projector mm_projector.bin.")
+    vision_id = vision or raw.get("mm_vision_tower")
+    if not vision_id:
+        raise ConversionError(f"{source} names no mm_vision_tower: pass --vision.")
+    vision_config = AutoConfig.from_pretrained(vision_id)
+    vision_config = getattr(vision_config, "vision_config", None) or vision_config
+    select = raw.get("mm_vision_select_feature", "patch")
+    if kind == "linear":
+        connector, hyper = "linear", {"bias": True}
+        renames = {"": "model.connector.proj."}
+    else:
+        connector, hyper = "mlp", {"depth": int(match.group(1)), "act": "gelu", "bias": True}
+        renames = {f"{2 * i}.": f"model.connector.layers.{2 * i}." for i in range(hyper["depth"])}
+    config = ConnectorVLMConfig(
+        vision_config=vision_config.to_dict(), text_config=text_config, connector_type=connector, connector_config=hyper,
+        vision_feature_layer=raw.get("mm_vision_select_layer", -2),
+        vision_feature_select_strategy="default" if select == "patch" else "full",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if "<image>" not in tokenizer.get_vocab():
+        tokenizer.add_tokens(["<image>"], special_tokens=True)
+    vocab = max(len(tokenizer), config.text_config.vocab_size)
+    config.text_config.vocab_size = vocab
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision_model = AutoModel.from_pretrained(vision_id, dtype="auto")
+    vision_model = getattr(vision_model, "vision_model", vision_model)
+    state = {f"model.vision_tower.{k}": v for k, v in vision_model.state_dict().items()}
+    for key, value in lm_state.items():
+        if "mm_projector." in key or "vision_tower" in key:
+            continue
+        if key == "lm_head.weight":
+            state[key] = value
+        elif key.startswith("model."):
+            state["model.language_model." + key[len("model."):]] = value
+    for key, value in proj_state.items():
+        prefix = next(p for p in sorted(renames, key=len, reverse=True) if key.startswith(p))
+        state[renames[prefix] + key[len(prefix):]] = value
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):  # room for an added <image>
+        if key in state and state[key].shape[0] < vocab:
+            grown = state[key].new_zeros(vocab, state[key].shape[1])
+            grown[: state[key].shape[0]] = state[key]
+            grown[state[key].shape[0]:] = state[key].mean(0)
+            state[key] = grown
+    model = _assemble(config, state, next(iter(lm_state.values())).dtype)
+    image_processor = AutoImageProcessor.from_pretrained(vision_id)
+    processor = ConnectorVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      num_image_tokens=config.num_image_tokens, chat_template=_template(tokenizer))
+    model.build_facts = {"converted_from": str(source), "format": "LLaVA repository", "vision": vision_id}
+    return save_checkpoint(model, processor, output)
+
+
+def _template(tokenizer) -> str:
+    from cvlm.build import FLATTEN_CONTENT_PRELUDE
+    from cvlm.presets import CHATML_TEMPLATE
+
+    return FLATTEN_CONTENT_PRELUDE + (tokenizer.chat_template or CHATML_TEMPLATE)
+
+
+def _read_weights(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: nothing is unpickled
+
+
+def _read_shards(folder: Path) -> dict:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    files = [f for f in files if not f.name.startswith("mm_projector")]
+    if not files:
+        raise ConversionError(f"{folder} has no model weights (*.safetensors or pytorch_model*.bin).")
+    state = {}
+    for f in files:
+        state.update(_read_weights(f))
+    return state
+
+
+# ---- to LLaVA -----------------------------------------------------------------------------------
+def to_llava(source: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """A family checkpoint with a connector LLaVA can express, as LlavaForConditionalGeneration."""
+    from transformers import LlavaProcessor
+
+    model = ConnectorVLMForConditionalGeneration.from_pretrained(source, dtype="auto")
+    processor = ConnectorVLMProcessor.from_pretrained(source, trust_remote_code=True)
+    config = model.config
+    kind, hyper = config.connector_type, config.connector_config
+    if not (kind == "linear" or (kind == "mlp" and hyper["depth"] == 2)):
+        raise ConversionError(
+            f"The {kind!r} connector{' with depth ' + str(hyper.get('depth')) if kind == 'mlp' else ''} cannot be "
+            "expressed by LlavaForConditionalGeneration, whose projector is Linear -> activation -> Linear on "
+            "per-patch features. Convertible: linear, mlp with depth 2 (any feature layers)."
+        )
+    prefix = config.num_vision_prefix_tokens
+    strategy = config.vision_feature_select_strategy
+    if strategy == "default" and prefix not in (0, 1):
+        raise ConversionError(f"LLaVA's 'default' strategy drops exactly one token; this encoder has {prefix}.")
+    llava_strategy = "full" if prefix == 0 else strategy  # no CLS: keep every patch, as 'default' does here
+    width = config.text_config.hidden_size
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.connector."):
+            continue
+        state[key] = value
+    if kind == "mlp":
+        for i, name in ((0, "linear_1"), (2, "linear_2")):
+            for p in ("weight", "bias"):
+                if f"model.connector.layers.{i}.{p}" in model.state_dict():
+                    state[f"model.multi_modal_projector.{name}.{p}"] = model.state_dict()[f"model.connector.layers.{i}.{p}"]
+        act, bias = hyper["act"], hyper["bias"]
+    else:
+        state["model.multi_modal_projector.linear_1.weight"] = model.model.connector.proj.weight.detach()
+        bias = hyper["bias"]
+        if bias:
+            state["model.multi_modal_projector.linear_1.bias"] = model.model.connector.proj.bias.detach()
+            state["model.multi_modal_projector.linear_2.bias"] = torch.zeros(width, dtype=model.dtype)
+        state["model.multi_modal_projector.linear_2.weight"] = torch.eye(width, dtype=model.dtype)
+        act = "linear"  # identity: Linear, identity, identity Linear == the linear connector
+    llava_config = LlavaConfig(
+        vision_config=config.vision_config.to_dict(), text_config=config.text_config.to_dict(),
+        image_token_index=config.image_token_id, image_seq_length=config.num_image_tokens, projector_hidden_act=act,
+        vision_feature_select_strategy=llava_strategy, vision_feature_layer=config.vision_feature_layer,
+        multimodal_projector_bias=bias, tie_word_embeddings=config.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(llava_config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    llava.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    llava.tie_weights()
+    llava.generation_config = model.generation_config
+    output = Path(output)
+    llava.save_pretrained(output)
+    patch = config.vision_config.patch_size
+    LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=patch,
+                   vision_feature_select_strategy=llava_strategy, chat_template=processor.chat_template,
+                   num_additional_image_tokens=prefix).save_pretrained(output)
+    return output
