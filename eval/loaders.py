@@ -83,7 +83,8 @@ def load_mme(path: str, split: str | None = None):
     txt side by side) or the lmms-lab/MME `datasets` layout (question_id, image, question, answer,
     category)."""
     root = Path(path)
-    if root.is_dir() and any((root / s).is_dir() for s in MME_SUBTASKS):
+    if root.is_dir() and any(sub.is_dir() and (any(sub.glob("*.txt")) or (sub / "questions_answers_YN").is_dir())
+                             for sub in root.iterdir()):
         return _load_mme_release(root)
     questions, problems, seen = [], [], {}
     for row in _table(path, split):
@@ -99,10 +100,8 @@ def load_mme(path: str, split: str | None = None):
 
 def _load_mme_release(root: Path):
     questions, problems = [], []
-    for subtask in MME_SUBTASKS:
-        folder = root / subtask
-        if not folder.is_dir():
-            continue
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):  # one folder per subtask, named as it
+        subtask = folder.name
         qa_dir = folder / "questions_answers_YN" if (folder / "questions_answers_YN").is_dir() else folder
         image_dir = folder / "images" if (folder / "images").is_dir() else folder
         for txt in sorted(qa_dir.glob("*.txt")):
