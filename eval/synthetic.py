@@ -251,10 +251,10 @@ def write_benchmark(folder, seed: int = 0, train_per_subtask: int = 200, test_pe
             name = f"{subtask}-{i}.png"
             item.image.save(folder / "train" / "images" / name)
             letter = "ABCD"[item.options.index(item.answer)]
-            kind = i % 3  # one third each: multiple choice, a Yes question, a No question
-            question, answer = ((mcq_prompt(item), letter) if kind == 0 else
-                                (yes_no_prompt(item.yes_question), "Yes") if kind == 1 else
-                                (yes_no_prompt(item.no_question), "No"))
+            # a quarter each: the open question (answered by the value itself, the easiest link
+            # between picture and words), multiple choice, a Yes question and a No question
+            question, answer = [(f"{item.mcq_question}\n{MME_INSTRUCTION}", item.answer), (mcq_prompt(item), letter),
+                                (yes_no_prompt(item.yes_question), "Yes"), (yes_no_prompt(item.no_question), "No")][i % 4]
             records.append({"id": f"{subtask}-{i}", "image": f"images/{name}", "conversations": [
                 {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
     random.Random(f"{seed}-shuffle").shuffle(records)
