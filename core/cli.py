@@ -146,6 +146,24 @@ def _cmd_push(args) -> int:
     return 0
 
 
+def _cmd_space(args) -> int:
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if args.models:
+        os.environ["CVLM_SPACE_MODELS"] = ",".join(args.models)
+    app_path = Path(__file__).resolve().parents[1] / "spaces" / "connector_arena" / "app.py"
+    spec = importlib.util.spec_from_file_location("connector_arena_app", app_path)
+    app = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = app  # its dataclasses look themselves up there
+    spec.loader.exec_module(app)
+    import gradio as gr
+
+    app.create_demo().launch(server_name="127.0.0.1", server_port=args.port, theme=gr.themes.Soft())
+    return 0
+
+
 def _cmd_card(args) -> int:
     from cvlm.model_cards.card import write_card
 
@@ -239,6 +257,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", "--base_model", help="with --adapter: the Hub repo of its base checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite files the repo already holds")
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("space", help="the connector comparison Space on 127.0.0.1")
+    p.add_argument("--models", nargs="+", help="Hub ids or folders (default: untrained tiny presets)")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=_cmd_space)
 
     p = sub.add_parser("card", help="(re)write README.md of a checkpoint folder from its recorded facts")
     p.add_argument("folder")
