@@ -1,0 +1,72 @@
+"""The study report's verdicts follow from the numbers: fixtures with known answers."""
+
+from __future__ import annotations
+
+import itertools
+
+from cvlm.report import verdicts
+
+FAMILY = {"mlp": "preserving", "linear": "preserving", "avgpool": "compressing", "cabstractor": "compressing",
+          "qformer": "compressing"}
+
+
+def rows(scores, resolutions=(32, 48, 64), seeds=(0, 1), jitter=0.5, speed=None):
+    """scores: connector -> (coarse, fine, reasoning) or connector -> {resolution: (...)}."""
+    out = []
+    for (connector, value), resolution, seed in itertools.product(scores.items(), resolutions, seeds):
+        coarse, fine, reasoning = value[resolution] if isinstance(value, dict) else value
+        d = jitter if seed else -jitter
+        family = FAMILY[connector]
+        samples, prefill = speed[family] if speed else ((100.0, 50.0) if family == "preserving" else (180.0, 20.0))
+        out.append({"connector": connector, "family": family, "resolution": resolution, "seed": seed,
+                    "scores": {"coarse": coarse + d, "fine": fine + d, "reasoning": reasoning + d},
+                    "train_samples_per_s": samples, "prefill_ms": prefill})
+    return out
+
+
+PAPER_LIKE = {"mlp": (90, 80, 70), "linear": (88, 78, 69), "avgpool": (89, 55, 70), "cabstractor": (90, 56, 71),
+              "qformer": (85, 40, 60)}
+
+
+def test_paper_like_numbers_reproduce_the_family_claims():
+    result = {v["claim"]: v for v in verdicts(rows(PAPER_LIKE))}
+    fine = result["Feature-preserving connectors beat compressing ones on fine-grained perception."]
+    assert fine["verdict"] == "reproduced" and "difference +" in fine["evidence"]
+    faster = result["Compressing connectors train and answer faster."]
+    assert faster["verdict"] == "reproduced" and "1.80x" in faster["evidence"] and "2.50x" in faster["evidence"]
+    ranking = result["Average pooling ≈ C-Abstractor > Q-Former (mean over the three granularities)."]
+    assert ranking["verdict"] == "reproduced"
+
+
+def test_comparable_needs_small_gaps_and_agreeing_seeds():
+    close = {"mlp": (90, 80, 70), "linear": (90, 80, 70), "avgpool": (89.5, 50, 69.5), "cabstractor": (90, 52, 70),
+             "qformer": (89, 40, 70)}
+    claim = "Compressing connectors are comparable on coarse-grained perception and reasoning."
+    assert {v["claim"]: v["verdict"] for v in verdicts(rows(close))}[claim] == "reproduced"
+    far = dict(close, avgpool=(70, 50, 50), cabstractor=(70, 52, 50), qformer=(70, 40, 50))
+    assert {v["claim"]: v["verdict"] for v in verdicts(rows(far))}[claim] == "not reproduced"
+    noisy = {v["claim"]: v["verdict"] for v in verdicts(rows(close, jitter=6))}
+    assert noisy[claim] == "inconclusive"
+
+
+def test_the_opposite_result_is_not_reproduced_and_noise_is_inconclusive():
+    reversed_fine = {k: (c, 100 - f, r) for k, (c, f, r) in PAPER_LIKE.items()}
+    result = {v["claim"]: v["verdict"] for v in verdicts(rows(reversed_fine))}
+    assert result["Feature-preserving connectors beat compressing ones on fine-grained perception."] == "not reproduced"
+    chance = {k: (50, 50, 50) for k in PAPER_LIKE}
+    result = {v["claim"]: v["verdict"] for v in verdicts(rows(chance, jitter=8))}
+    assert result["Feature-preserving connectors beat compressing ones on fine-grained perception."] == "inconclusive"
+    slower = rows(PAPER_LIKE, speed={"preserving": (100.0, 20.0), "compressing": (150.0, 30.0)})
+    result = {v["claim"]: v["verdict"] for v in verdicts(slower)}
+    assert result["Compressing connectors train and answer faster."] == "not reproduced"
+
+
+def test_resolution_claim_needs_three_resolutions_and_a_shrinking_gain():
+    growing = {k: {32: (50, 50, 50), 48: (70, 70, 70), 64: (75, 75, 75)} for k in PAPER_LIKE}
+    result = {v["claim"]: v for v in verdicts(rows(growing))}["Returns diminish with resolution."]
+    assert result["verdict"] == "reproduced" and "gains +20.0 then +5.0" in result["evidence"]
+    linear_gain = {k: {32: (50, 50, 50), 48: (60, 60, 60), 64: (70, 70, 70)} for k in PAPER_LIKE}
+    assert {v["claim"]: v["verdict"] for v in verdicts(rows(linear_gain))}["Returns diminish with resolution."] \
+        == "inconclusive"
+    two = {v["claim"]: v for v in verdicts(rows(PAPER_LIKE, resolutions=(32, 64)))}["Returns diminish with resolution."]
+    assert two["verdict"] == "inconclusive" and two["evidence"] == "needs 3 resolutions, the study has 2"
