@@ -157,3 +157,12 @@ def test_a_real_browser_picks_an_example_compares_and_sees_every_answer(served):
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_variant_that_reaches_the_time_limit_says_so(served, monkeypatch):
+    app, variants, _, _, _ = served
+    monkeypatch.setattr(app, "TIME_LIMIT_S", 0.0)
+    image = Image.new("RGB", (64, 64), (10, 10, 200))
+    *_, (text, costs) = list(app.answer_stream(variants[0], image, "What colour?"))
+    assert costs["stopped_at_time_limit"] is True
+    assert text.endswith("[stopped: this variant reached the 0 s time limit]")

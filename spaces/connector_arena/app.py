@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -162,19 +163,24 @@ def answer_stream(variant: Variant, image: Image.Image, question: str):
     thread = threading.Thread(target=lambda: model.generate(**kwargs), daemon=True)
     thread.start()
     first, pieces, tokens = None, [], 0
-    for piece in streamer:
-        now = time.perf_counter()
-        first = first or now
-        tokens += 1
-        pieces.append(piece)
-        yield "".join(pieces), None
+    try:
+        for piece in streamer:
+            first = first or time.perf_counter()
+            tokens += 1
+            pieces.append(piece)
+            yield "".join(pieces), None
+    except queue.Empty:  # nothing more within the time limit
+        pass
     thread.join(timeout=TIME_LIMIT_S)
     end = time.perf_counter()
     first = first or end
     costs = {"visual_tokens": variant.config.num_image_tokens, "prefill_latency_ms": round(1000 * (first - start), 2),
              "decode_tokens_per_s": round((tokens - 1) / (end - first), 1) if tokens > 1 and end > first else None,
              "stopped_at_time_limit": end - start >= TIME_LIMIT_S}
-    yield "".join(pieces), costs
+    text = "".join(pieces)
+    if costs["stopped_at_time_limit"]:
+        text += f" [stopped: this variant reached the {TIME_LIMIT_S:.0f} s time limit]"
+    yield text, costs
 
 
 def build_demo(variants: list[Variant]) -> gr.Blocks:
