@@ -30,6 +30,7 @@ class Question:
     answer: str  # the reference, as the metric takes it
     choices: list[str] = field(default_factory=list)  # option texts (multiple choice); Yes/No for MME
     fields: dict = field(default_factory=dict)  # what the metric module takes besides predictions/references
+    question: str = ""  # the bare question (no options, no instruction): the context of likelihood ranking
 
     def load_image(self) -> Image.Image | None:
         if self.image is None:
@@ -71,11 +72,15 @@ MME_SUBTASKS = ["existence", "count", "position", "color", "posters", "celebrity
                 "commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"]
 
 
-def _mme_prompt(question: str) -> str:
+def _mme_bare(question: str) -> str:
     for tail in (" Please answer yes or no.", "  Please answer yes or no.", "Please answer yes or no."):
         if question.endswith(tail):
-            return question[: -len(tail)].rstrip() + "\n" + MME_INSTRUCTION
-    return question + "\n" + MME_INSTRUCTION
+            return question[: -len(tail)].rstrip()
+    return question
+
+
+def _mme_prompt(question: str) -> str:
+    return _mme_bare(question) + "\n" + MME_INSTRUCTION
 
 
 def load_mme(path: str, split: str | None = None):
@@ -94,7 +99,8 @@ def load_mme(path: str, split: str | None = None):
             problems.append(f"{qid}#{k}: no image")
             continue
         questions.append(Question("mme", f"{qid}#{k}", row["image"], _mme_prompt(row["question"]), row["answer"],
-                                  ["Yes", "No"], {"question_id": qid, "category": row["category"]}))
+                                  ["Yes", "No"], {"question_id": qid, "category": row["category"]},
+                                  _mme_bare(row["question"])))
     return questions, problems
 
 
@@ -114,7 +120,8 @@ def _load_mme_release(root: Path):
             for k, line in enumerate(lines, 1):
                 question, _, answer = line.rpartition("\t")
                 questions.append(Question("mme", f"{qid}#{k}", str(images[0]), _mme_prompt(question.strip()),
-                                          answer.strip(), ["Yes", "No"], {"question_id": qid, "category": subtask}))
+                                          answer.strip(), ["Yes", "No"], {"question_id": qid, "category": subtask},
+                                          _mme_bare(question.strip())))
     return questions, problems
 
 
@@ -126,7 +133,8 @@ def _mmbench_question(row: dict, image) -> Question:
     prompt = f"{hint}{row['question']}\n{_options_block(choices)}\n{MCQ_INSTRUCTION}"
     l2 = row.get("l2-category", row.get("L2-category", row.get("l2_category", "")))
     return Question("mmbench", str(index), image, prompt, str(row.get("answer", "")).strip(), choices,
-                    {"index": index, "category": str(row.get("category", "")), "l2_category": str(l2)})
+                    {"index": index, "category": str(row.get("category", "")), "l2_category": str(l2)},
+                    f"{hint}{row['question']}")
 
 
 def _decode_base64_image(data: str):
@@ -174,7 +182,7 @@ def _seed_question(row: dict, image) -> Question:
     choices = [str(row[f"choice_{x}"]) for x in "abcd"]
     prompt = f"{row['question']}\n{_options_block(choices)}\n{MCQ_INSTRUCTION}"
     return Question("seed_bench", str(row["question_id"]), image, prompt, str(row["answer"]).strip(), choices,
-                    {"question_type_id": int(row["question_type_id"])})
+                    {"question_type_id": int(row["question_type_id"])}, str(row["question"]))
 
 
 def load_seed_bench(path: str, image_folder: str | None = None, split: str | None = None):

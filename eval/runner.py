@@ -78,8 +78,8 @@ def _parses(line: str) -> bool:
         return False
 
 
-def _messages(question: Question) -> list[dict]:
-    content = ([{"type": "image"}] if question.image is not None else []) + [{"type": "text", "text": question.prompt}]
+def _messages(question: Question, text: str | None = None) -> list[dict]:
+    content = ([{"type": "image"}] if question.image is not None else []) + [{"type": "text", "text": text or question.prompt}]
     return [{"role": "user", "content": content}]
 
 
@@ -102,11 +102,12 @@ def _answer_generate(model, processor, batch: list[Question], max_new_tokens: in
 
 @torch.inference_mode()
 def _answer_likelihood(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
-    """Ranks each question's options by the log-likelihood of their text after the prompt (SEED-Bench's
-    official protocol); the answer is the best option's letter (Yes/No for MME)."""
+    """Ranks each question's options by the log-likelihood of their text after the bare question, the
+    options not listed (SEED-Bench's official protocol); the answer is the best option's letter (Yes/No
+    for MME)."""
     answers, start = [], time.perf_counter()
     for q in batch:
-        prompt = processor.apply_chat_template(_messages(q), add_generation_prompt=True)
+        prompt = processor.apply_chat_template(_messages(q, q.question or q.prompt), add_generation_prompt=True)
         images = [q.load_image()] if q.image is not None else None
         texts = [prompt + choice for choice in q.choices]
         inputs = processor(images=images * len(texts) if images else None, text=texts, padding=True,

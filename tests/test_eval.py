@@ -295,3 +295,24 @@ def test_lmms_eval_registration_where_it_installs():
     import cvlm.eval.lmms_adapter  # noqa: F401
 
     assert "connector_vlm" in MODEL_REGISTRY
+
+
+def test_likelihood_ranking_reads_the_bare_question(files, tiny, tmp_path, monkeypatch):
+    """SEED-Bench's protocol: the option text's likelihood after the question alone, options not listed."""
+    from transformers import AutoProcessor
+
+    import cvlm.eval.runner as runner
+
+    benchmark, path = files["seed-json"]
+    questions, _ = load_benchmark(benchmark, path, image_folder=str(Path(path).parent / "images"))
+    assert questions[0].question == "What colour is the image?"
+    processor = AutoProcessor.from_pretrained(tiny, trust_remote_code=True)
+    seen = []
+    original = processor.apply_chat_template
+    monkeypatch.setattr(processor, "apply_chat_template", lambda m, **k: seen.append(m) or original(m, **k))
+    from cvlm.modeling import ConnectorVLMForConditionalGeneration
+
+    model = ConnectorVLMForConditionalGeneration.from_pretrained(tiny).eval()
+    answers, _ = runner._answer_likelihood(model, processor, questions[:1], 4)
+    assert answers[0] in "ABCD"
+    assert seen[0][0]["content"][-1]["text"] == "What colour is the image?"
