@@ -28,7 +28,7 @@ from cvlm.build import AUTO_MAP, save_checkpoint
 from cvlm.model_cards.card import BUILD_FACTS, write_card
 from cvlm.modeling import ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
 
-from .data import Collator, DataError, SupervisedDataset, read_records, tokenize_all
+from .data import Collator, SupervisedDataset, read_records, tokenize_all
 from .feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
