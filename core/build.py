@@ -152,7 +152,9 @@ def load_lm(spec: str, dtype="auto", seed: int = 0, width=None, layers=None):
             tokenizer.chat_template = CHATML_TEMPLATE
         if len(tokenizer) > lm.get_input_embeddings().num_embeddings:
             lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    tokenizer.padding_side = "left"  # batched generation; training collators set their own side
+    # batched generation pads on the left (training collators pad their own way); init_kwargs makes
+    # save_pretrained record it, so the checkpoint reloads with it
+    tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
     generation_config.pad_token_id = tokenizer.pad_token_id
     return lm, tokenizer, generation_config
 

@@ -102,9 +102,9 @@ def _answer_generate(model, processor, batch: list[Question], max_new_tokens: in
 
 @torch.inference_mode()
 def _answer_likelihood(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
-    """Ranks each question's options by the log-likelihood of their text after the bare question, the
-    options not listed (SEED-Bench's official protocol); the answer is the best option's letter (Yes/No
-    for MME)."""
+    """Ranks each question's options by the mean log-likelihood of their tokens after the bare question,
+    the options not listed (SEED-Bench's official protocol: the lowest loss wins); the answer is the best
+    option's letter (Yes/No for MME)."""
     answers, start = [], time.perf_counter()
     for q in batch:
         prompt = processor.apply_chat_template(_messages(q, q.question or q.prompt), add_generation_prompt=True)
@@ -120,7 +120,8 @@ def _answer_likelihood(model, processor, batch: list[Question], max_new_tokens: 
             length = int(inputs["attention_mask"][i].sum())
             pad_left = inputs["input_ids"].shape[1] - length  # left padding
             answer_positions = slice(pad_left + prompt_len - 1, None)
-            scores.append(float(logprobs[i, answer_positions].sum()))
+            # the mean over the option's tokens, as SEED-Bench's loss does: a sum would favour short options
+            scores.append(float(logprobs[i, answer_positions].mean()))
         best = max(range(len(scores)), key=scores.__getitem__)
         answers.append(q.choices[best] if q.benchmark == "mme" else LETTERS[best])
     return answers, {"prefill_s": time.perf_counter() - start, "decode_s": 0.0, "decode_tokens": 0}
@@ -180,6 +181,7 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True,
                                                         dtype=getattr(torch, dtype)).to(device).eval()
     processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    processor.tokenizer.padding_side = "left"  # batches end where generation starts, whatever the checkpoint says
     answer = _answer_generate if mode == "generate" else _answer_likelihood
     path = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
     if path.exists():  # drop a line an interruption cut short, so that appended lines stay whole

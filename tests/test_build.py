@@ -137,6 +137,10 @@ def test_saved_folder_is_complete_and_overwritten_atomically(built, tmp_path):
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"}
     assert json.loads((target / "processor_config.json").read_text())["num_image_tokens"] == 16
     assert json.loads((target / "generation_config.json").read_text())["suppress_tokens"] == [config["image_token_id"]]
+    assert json.loads((target / "tokenizer_config.json").read_text())["padding_side"] == "left"
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(target, trust_remote_code=True).tokenizer.padding_side == "left"
 
 
 def test_modeling_imports_only_torch_transformers_and_stdlib():

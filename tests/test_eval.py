@@ -316,3 +316,18 @@ def test_likelihood_ranking_reads_the_bare_question(files, tiny, tmp_path, monke
     answers, _ = runner._answer_likelihood(model, processor, questions[:1], 4)
     assert answers[0] in "ABCD"
     assert seen[0][0]["content"][-1]["text"] == "What colour is the image?"
+
+
+@pytest.mark.parametrize("mode", ["generate", "likelihood"])
+def test_batched_answers_equal_one_question_at_a_time(files, tmp_path, mode):
+    """Batches pad on the left even for a checkpoint whose tokenizer pads on the right."""
+    folder = build(tmp_path / "model", vision="tiny-clip", llm="tiny-llama", connector="mlp")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "right"}))
+    benchmark, path = files["mmbench-tsv"]
+    kwargs = dict(max_new_tokens=4, mode=mode)
+    evaluate_model(str(folder), benchmark, path, str(tmp_path / "one"), batch_size=1, **kwargs)
+    evaluate_model(str(folder), benchmark, path, str(tmp_path / "six"), batch_size=6, **kwargs)
+    one, six = ([json.loads(line)["raw"] for line in (tmp_path / x / "predictions.jsonl").read_text().splitlines()]
+                for x in ("one", "six"))
+    assert one == six
