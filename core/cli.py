@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _connector_arg(text: str) -> tuple[str, object]:
@@ -164,6 +165,34 @@ def _cmd_space(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from cvlm.study import StudyConfig, run_study
+
+    config = StudyConfig(output=args.output)
+    if args.quick:  # minutes: two connectors, one resolution, one seed, few steps
+        config.connectors, config.resolutions, config.seeds = ["mlp", "avgpool"], [32], [0]
+        config.align_steps, config.finetune_steps, config.train_per_subtask, config.test_per_subtask = 10, 30, 8, 3
+    for key in ("connectors", "resolutions", "seeds", "vision", "llm", "vision_width", "llm_width", "align_steps",
+                "finetune_steps", "batch_size", "train_per_subtask", "test_per_subtask", "align_data",
+                "finetune_data", "image_folder", "mapping"):
+        value = getattr(args, key)
+        if value is not None:
+            setattr(config, key, value)
+    if args.connectors == ["all"]:
+        from cvlm.modeling import CONNECTORS
+
+        config.connectors = list(CONNECTORS)
+    config.lm_full = args.lm_full
+    if args.benchmark:
+        config.benchmarks = dict(item.split("=", 1) for item in args.benchmark)
+        if not config.align_data:
+            raise ValueError("--benchmark needs --align-data (and optionally --finetune-data): real benchmarks "
+                             "score models trained on real data.")
+    result = run_study(config)
+    print((Path(config.output) / "report.md").read_text())
+    return 0 if result["runs"] else 2
+
+
 def _cmd_card(args) -> int:
     from cvlm.model_cards.card import write_card
 
@@ -257,6 +286,29 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", "--base_model", help="with --adapter: the Hub repo of its base checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite files the repo already holds")
     p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("study", help="the connector paper's experiment: every connector trained, scored, reported")
+    p.add_argument("--output", default="runs/study")
+    p.add_argument("--connectors", nargs="+", help="registry names, optionally name:key=value,...; 'all' for the registry")
+    p.add_argument("--resolutions", type=int, nargs="+", help="image sizes (default 32 48 64, for 224 336 448)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--vision")
+    p.add_argument("--llm")
+    p.add_argument("--vision-width", "--vision_width", type=int)
+    p.add_argument("--llm-width", "--llm_width", type=int)
+    p.add_argument("--align-steps", "--align_steps", type=int)
+    p.add_argument("--finetune-steps", "--finetune_steps", "--steps", type=int)
+    p.add_argument("--batch-size", "--batch_size", type=int)
+    p.add_argument("--lm-full", "--lm_full", action="store_true", help="finetune the whole LM instead of LoRA")
+    p.add_argument("--train-per-subtask", "--train_per_subtask", type=int)
+    p.add_argument("--test-per-subtask", "--test_per_subtask", type=int)
+    p.add_argument("--align-data", "--align_data", help="real scale: LLaVA-format align data")
+    p.add_argument("--finetune-data", "--finetune_data", help="real scale: LLaVA-format finetune data")
+    p.add_argument("--image-folder", "--image_folder")
+    p.add_argument("--benchmark", action="append", metavar="NAME=PATH", help="real scale: mme=PATH, mmbench=PATH, ...")
+    p.add_argument("--mapping", help="your own subtask -> granularity mapping")
+    p.add_argument("--quick", action="store_true", help="two connectors, one resolution, one seed, few steps")
+    p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("space", help="the connector comparison Space on 127.0.0.1")
     p.add_argument("--models", nargs="+", help="Hub ids or folders (default: untrained tiny presets)")

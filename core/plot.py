@@ -60,10 +60,41 @@ def line_plot(xs, ys, path: str | os.PathLike, title: str = "", x_label: str = "
         for px, py in points if len(points) < 40 else []:
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
         if len(series) > 1:
-            draw.text((left + 10, top + 8 + 14 * i), f"— {name}", fill=colour, font=font)
+            draw.text((left + 10, top + 8 + 14 * i), f"- {name}", fill=colour, font=font)
     draw.text((left, 12), title, fill="black", font=font)
     draw.text(((width - len(x_label) * 6) / 2, height - 20), x_label, fill="black", font=font)
     draw.text((8, top - 16), y_label, fill="black", font=font)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def radar_plot(values: dict[str, list[float]], axes: list[str], path: str | os.PathLike, title: str = "",
+               maximum: float = 100.0, size: int = 520) -> Path:
+    """A radar chart (one polygon per name over `axes`, 0..maximum), as the connector paper's Figure 1."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    cx, cy, radius = size / 2, size / 2 + 10, size * 0.33
+    angles = [-math.pi / 2 + 2 * math.pi * i / len(axes) for i in range(len(axes))]
+
+    def point(angle, value):
+        r = radius * max(0.0, min(value, maximum)) / maximum
+        return cx + r * math.cos(angle), cy + r * math.sin(angle)
+
+    for level in (0.25, 0.5, 0.75, 1.0):
+        draw.polygon([point(a, level * maximum) for a in angles], outline=(210, 210, 210))
+    for angle, name in zip(angles, axes):
+        draw.line([(cx, cy), point(angle, maximum)], fill=(190, 190, 190))
+        x, y = point(angle, maximum * 1.12)
+        draw.text((x - 3 * len(name), y - 6), name, fill="black", font=font)
+    for i, (name, vals) in enumerate(values.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        draw.polygon([point(a, v) for a, v in zip(angles, vals)], outline=colour, width=2)
+        draw.text((10, 30 + 14 * i), f"- {name}", fill=colour, font=font)
+    draw.text((10, 10), title, fill="black", font=font)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     image.save(tmp)

@@ -44,6 +44,13 @@ def _seed_sd(rows: list[dict], key) -> float:
 
 
 def margin_for(rows: list[dict], key) -> float:
+    """Twice the spread over seeds, at least MIN_MARGIN; infinite with one seed (no spread to judge by),
+    which leaves every score claim inconclusive."""
+    seeds = {}
+    for r in rows:
+        seeds.setdefault((r["connector"], r["resolution"]), set()).add(r.get("seed"))
+    if not any(len(s) > 1 for s in seeds.values()):
+        return math.inf
     return max(MIN_MARGIN, 2 * _seed_sd(rows, key))
 
 

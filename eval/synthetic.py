@@ -236,10 +236,11 @@ def yes_no_prompt(question: str) -> str:
 
 
 def write_benchmark(folder, seed: int = 0, train_per_subtask: int = 200, test_per_subtask: int = 40,
-                    difficulty: Difficulty = Difficulty(), subtasks=None) -> dict:
+                    difficulty: Difficulty = Difficulty(), subtasks=None, open_questions_only: bool = False) -> dict:
     """Writes train/ (LLaVA JSON + images), test_mme/ (MME release folders), test_mmbench.tsv and
     mapping.json under `folder`; returns their paths. Train and test pictures come from
-    different random streams of the same seed."""
+    different random streams of the same seed. `open_questions_only`: every train question is the
+    open one, answered by the value (what likelihood ranking of option texts then scores)."""
     folder = Path(folder)
     subtasks = list(subtasks or SUBTASKS)
     (folder / "train" / "images").mkdir(parents=True, exist_ok=True)
@@ -253,8 +254,10 @@ def write_benchmark(folder, seed: int = 0, train_per_subtask: int = 200, test_pe
             letter = "ABCD"[item.options.index(item.answer)]
             # a quarter each: the open question (answered by the value itself, the easiest link
             # between picture and words), multiple choice, a Yes question and a No question
-            question, answer = [(f"{item.mcq_question}\n{MME_INSTRUCTION}", item.answer), (mcq_prompt(item), letter),
-                                (yes_no_prompt(item.yes_question), "Yes"), (yes_no_prompt(item.no_question), "No")][i % 4]
+            question, answer = [(item.mcq_question if open_questions_only else f"{item.mcq_question}\n{MME_INSTRUCTION}",
+                                 item.answer), (mcq_prompt(item), letter),
+                                (yes_no_prompt(item.yes_question), "Yes"), (yes_no_prompt(item.no_question), "No")][
+                                    0 if open_questions_only else i % 4]
             records.append({"id": f"{subtask}-{i}", "image": f"images/{name}", "conversations": [
                 {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]})
     random.Random(f"{seed}-shuffle").shuffle(records)

@@ -1,0 +1,256 @@
+"""`cvlm study`: the connector paper's experiment end to end with the project's own build, train
+and eval code — every connector × resolution × seed built, aligned, fine-tuned and scored on the
+synthetic granularity benchmark (or on real data and benchmarks), then one report with tables,
+plots and a verdict per claim of the paper.
+
+Resumable: each run's `run.json` is written when it is complete and a restarted study skips it;
+a failed run is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cvlm.modeling import CONNECTORS
+
+DEFAULT_CONNECTORS = ["linear", "mlp", "avgpool", "avgpool:output_grid=2", "qformer", "cabstractor", "dense_sci",
+                      "dense_dci", "pixel_shuffle"]
+GRANULARITIES = ("coarse", "fine", "reasoning")
+
+
+@dataclass
+class StudyConfig:
+    output: str = "runs/study"
+    connectors: list[str] = field(default_factory=lambda: list(DEFAULT_CONNECTORS))
+    resolutions: list[int] = field(default_factory=lambda: [32, 48, 64])  # stand for 224 / 336 / 448
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    vision: str = "tiny-clip"
+    llm: str = "tiny-llama"
+    vision_width: int | None = None
+    llm_width: int | None = None
+    align_steps: int = 100
+    finetune_steps: int = 300
+    batch_size: int = 16
+    lm_full: bool = False  # finetune the whole LM instead of LoRA
+    train_per_subtask: int = 120
+    test_per_subtask: int = 20
+    align_data: str | None = None  # real scale: LLaVA-format files; default: the synthetic benchmark
+    finetune_data: str | None = None
+    image_folder: str | None = None
+    benchmarks: dict = field(default_factory=dict)  # real scale: {"mme": PATH, "mmbench": PATH, ...}
+    mapping: str | None = None
+
+
+def parse_connector(spec: str) -> tuple[str, dict, str]:
+    """"avgpool:output_grid=2,depth=2" -> ("avgpool", {"output_grid": 2, "depth": 2}, "avgpool-output_grid-2")."""
+    name, _, args = spec.partition(":")
+    if name not in CONNECTORS:
+        raise ValueError(f"--connectors {spec!r}: {name!r} is not a registered connector. "
+                         f"Allowed values: {', '.join(CONNECTORS)}.")
+    hyper = {}
+    for item in filter(None, args.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            hyper[key] = json.loads(value)
+        except json.JSONDecodeError:
+            hyper[key] = value
+    label = name + "".join(f"-{k}-{v}" for k, v in hyper.items())
+    return name, hyper, label
+
+
+def _synthetic(root: Path, resolution: int, config: StudyConfig) -> dict:
+    from cvlm.eval.synthetic import Difficulty, write_benchmark
+
+    folder = root / "data" / f"synthetic-{resolution}"
+    marker = folder / "paths.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    # objects keep their size relative to the picture, so a low resolution blurs small things, as in the paper
+    difficulty = Difficulty(image_size=resolution, object_size=max(2, round(6 * resolution / 64)))
+    paths = write_benchmark(folder, seed=0, train_per_subtask=config.train_per_subtask,
+                            test_per_subtask=config.test_per_subtask, difficulty=difficulty, open_questions_only=True)
+    marker.write_text(json.dumps(paths))
+    return paths
+
+
+def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: int, seed: int,
+            config: StudyConfig, data: dict) -> dict:
+    from cvlm.build import build
+    from cvlm.eval.runner import evaluate_model
+    from cvlm.trainers.train import main as train_main
+
+    start = time.time()
+    base = build(run_dir / "base", vision=config.vision, llm=config.llm, connector=connector, connector_args=hyper,
+                 image_size=resolution, seed=seed, vision_width=config.vision_width, llm_width=config.llm_width)
+    common = ["--per_device_train_batch_size", str(config.batch_size), "--seed", str(seed), "--report_to", "none",
+              "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "10", "--warmup_steps", "10",
+              "--cache_features", str(Path(config.output) / "feature_cache")]
+    if config.image_folder:
+        common += ["--image_folder", config.image_folder]
+    stages = [("align", base, data["align"], config.align_steps, "1e-3"),
+              ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, "2e-3")]
+    for stage, source, train_data, steps, lr in stages:
+        args = ["--model", str(source), "--data", train_data, "--stage", stage, "--output_dir", str(run_dir / stage),
+                "--max_steps", str(steps), "--learning_rate", lr, *common]
+        if stage == "finetune" and config.lm_full:
+            args += ["--lm_full", "true"]
+        if train_main(args) != 0:
+            raise RuntimeError(f"cvlm train --stage {stage} failed")
+    final = run_dir / "finetune"
+    results = {}
+    for benchmark, path in data["benchmarks"].items():
+        # likelihood ranking of the option texts: a perception test that needs no letter / yes-no binding
+        mode = "likelihood" if benchmark in ("mmbench", "seed_bench") else "generate"
+        results[benchmark] = evaluate_model(str(final), benchmark, path, str(run_dir / f"eval-{benchmark}"), mode=mode,
+                                            mapping_file=data.get("mapping"), max_new_tokens=4)
+    facts = [json.loads((run_dir / s / "cvlm_training.json").read_text()) for s in ("align", "finetune")]
+    config_json = json.loads((final / "config.json").read_text())
+    scores = {}
+    for g in GRANULARITIES:
+        values = [r["granularity"][g]["macro"] for r in results.values() if r["granularity"][g]["macro"] is not None]
+        scores[g] = statistics.fmean(values) if values else None
+    first = next(iter(results.values()))
+    return {
+        "connector": label, "connector_type": connector, "hyper_parameters": hyper,
+        "family": CONNECTORS[connector].family, "resolution": resolution, "seed": seed,
+        "tokens": first["speed"]["visual_tokens_per_image"], "patches": (resolution // 8) ** 2,
+        "scores": scores, "benchmarks": {b: r["granularity"] for b, r in results.items()},
+        "subtasks": {b: r["granularity"][g]["subtasks"] for b, r in results.items() for g in GRANULARITIES},
+        "train_wall_s": sum(f["wall_time_s"] for f in facts),
+        "train_samples_per_s": statistics.fmean(f["samples_per_second"] or 0 for f in facts),
+        "losses": {f["stage"]: f["losses"] for f in facts},
+        "prefill_ms": 1000 * statistics.fmean(r["speed"]["mean_prefill_latency_s"] for r in results.values()),
+        "peak_memory_mb": max(r["speed"]["peak_memory_mb"] for r in results.values()),
+        "checkpoint": str(final), "wall_s": round(time.time() - start, 1),
+        "connector_config": config_json.get("connector_config"),
+    }
+
+
+def run_study(config: StudyConfig) -> dict:
+    from cvlm.report import verdicts
+
+    root = Path(config.output)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "study_config.json").write_text(json.dumps(asdict(config), indent=2))
+    specs = [parse_connector(c) for c in config.connectors]
+    runs = [(spec, res, seed) for res in config.resolutions for spec in specs for seed in config.seeds]
+    rows, failures = [], []
+    bar = tqdm(runs, desc="cvlm study", unit="run")
+    for (connector, hyper, label), resolution, seed in bar:
+        bar.set_postfix_str(f"{label} {resolution}px seed {seed}")
+        run_dir = root / "runs" / f"{label}-{resolution}px-seed{seed}"
+        done = run_dir / "run.json"
+        if done.exists():
+            rows.append(json.loads(done.read_text()))
+            continue
+        if config.benchmarks:
+            data = {"align": config.align_data, "finetune": config.finetune_data or config.align_data,
+                    "benchmarks": dict(config.benchmarks), "mapping": config.mapping}
+        else:
+            paths = _synthetic(root, resolution, config)
+            data = {"align": paths["train"], "finetune": paths["train"], "benchmarks": {"mmbench": paths["mmbench"]},
+                    "mapping": paths["mapping"]}
+        try:
+            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+            row = run_one(run_dir, connector, hyper, label, resolution, seed, config, data)
+        except Exception as error:  # noqa: BLE001 - reported, and the study goes on
+            failures.append({"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
+                             "traceback": traceback.format_exc(limit=3)})
+            continue
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=2))
+        os.replace(tmp, done)
+        rows.append(row)
+    result = {"config": asdict(config), "runs": rows, "failures": failures, "verdicts": verdicts(rows) if rows else []}
+    tmp = root / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, root / "results.json")
+    write_report(root, result)
+    _keep_checkpoints(root, rows, config)
+    return result
+
+
+def _keep_checkpoints(root: Path, rows: list[dict], config: StudyConfig) -> None:
+    """One Hub-ready checkpoint per connector: the largest resolution, the first seed."""
+    largest, first = max(config.resolutions), min(config.seeds)
+    for row in rows:
+        if row["resolution"] == largest and row["seed"] == first:
+            target = root / "checkpoints" / row["connector"]
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(row["checkpoint"], target, ignore=shutil.ignore_patterns("checkpoint-*", "adapter"))
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
+
+
+def write_report(root: Path, result: dict) -> None:
+    from cvlm.plot import line_plot, radar_plot
+
+    rows = result["runs"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["connector"], r["resolution"]), []).append(r)
+    lines = ["# cvlm study: to preserve or to compress?", "",
+             f"{len(rows)} runs ({len(result['failures'])} failed); scores in % (mean ± std over seeds).", "",
+             "| connector | family | resolution | Q | coarse | fine | reasoning | train s | samples/s | prefill ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (connector, resolution), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        r0 = runs[0]
+        lines.append(f"| {connector} | {r0['family']} | {resolution} | {r0['tokens']} | "
+                     + " | ".join(_mean_sd([r["scores"][g] for r in runs]) for g in GRANULARITIES)
+                     + f" | {statistics.fmean(r['train_wall_s'] for r in runs):.1f} | "
+                     f"{statistics.fmean(r['train_samples_per_s'] for r in runs):.1f} | "
+                     f"{statistics.fmean(r['prefill_ms'] for r in runs):.1f} |")
+    lines += ["", "## Verdicts on the paper's claims", ""]
+    for v in result["verdicts"]:
+        lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")
+    if result["failures"]:
+        lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in result["failures"]]
+    lines += ["", "Plots: `radar.png` (granularities per connector, largest resolution), `accuracy_vs_tokens.png`, "
+              "`accuracy_vs_training_time.png`, `loss_curves.png`."]
+    (root / "report.md").write_text("\n".join(lines) + "\n")
+    if not rows:
+        return
+    largest = max(r["resolution"] for r in rows)
+    by_connector: dict[str, list[dict]] = {}
+    for r in rows:
+        by_connector.setdefault(r["connector"], []).append(r)
+    radar_plot({c: [statistics.fmean(r["scores"][g] or 0 for r in rs if r["resolution"] == largest) for g in GRANULARITIES]
+                for c, rs in by_connector.items() if any(r["resolution"] == largest for r in rs)},
+               list(GRANULARITIES), root / "radar.png", title=f"granularity scores at {largest} px (%)")
+    mean_score = lambda r: statistics.fmean(v for v in r["scores"].values() if v is not None)  # noqa: E731
+    for name, key, x_label in (("accuracy_vs_tokens", "tokens", "visual tokens Q"),
+                               ("accuracy_vs_training_time", "train_wall_s", "training wall time (s)")):
+        series = {c: ([r[key] for r in rs], [mean_score(r) for r in rs]) for c, rs in by_connector.items()}
+        line_plot([], [], root / f"{name}.png", title=f"mean score vs {x_label}", x_label=x_label,
+                  y_label="score (%)", series={c: tuple(zip(*sorted(zip(*v)))) for c, v in series.items()})
+    curves = {}
+    for c, rs in by_connector.items():
+        r = next((r for r in rs if r["resolution"] == largest), rs[0])
+        steps, losses = [], []
+        offset = 0
+        for stage in ("align", "finetune"):
+            for step, loss in r["losses"].get(stage, []):
+                steps.append(offset + step)
+                losses.append(loss)
+            offset = steps[-1] if steps else offset
+        if steps:
+            curves[c] = (steps, losses)
+    if curves:
+        line_plot([], [], root / "loss_curves.png", title="training loss (align, then finetune)", x_label="step",
+                  y_label="loss", series=curves)

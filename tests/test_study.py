@@ -1,0 +1,66 @@
+"""cvlm study --quick: the whole experiment in miniature, its output folder and its resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cvlm.study import StudyConfig, parse_connector, run_study
+
+
+def quick(output, connectors=("mlp", "avgpool")) -> StudyConfig:
+    return StudyConfig(output=str(output), connectors=list(connectors), resolutions=[32], seeds=[0], align_steps=6,
+                       finetune_steps=12, train_per_subtask=4, test_per_subtask=2)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    result = run_study(quick(root, connectors=("mlp", "avgpool", "pixel_shuffle:scale=3")))
+    return root, result
+
+
+def test_the_output_folder_holds_results_report_plots_and_checkpoints(study):
+    root, result = study
+    for name in ("results.json", "report.md", "radar.png", "accuracy_vs_tokens.png", "accuracy_vs_training_time.png",
+                 "loss_curves.png", "study_config.json"):
+        assert (root / name).stat().st_size > 0, name
+    saved = json.loads((root / "results.json").read_text())
+    assert [r["connector"] for r in saved["runs"]] == ["mlp", "avgpool"]
+    for run in saved["runs"]:
+        assert {"connector", "family", "tokens", "resolution", "seed", "scores", "train_wall_s", "train_samples_per_s",
+                "prefill_ms", "peak_memory_mb", "losses", "subtasks"} <= set(run)
+        assert set(run["scores"]) == {"coarse", "fine", "reasoning"}
+        assert all(0 <= v <= 100 for v in run["scores"].values())
+    assert {r["connector"]: r["tokens"] for r in saved["runs"]} == {"mlp": 16, "avgpool": 4}
+    assert len(saved["verdicts"]) == 5
+    assert all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in saved["verdicts"])
+    for connector in ("mlp", "avgpool"):
+        assert (root / "checkpoints" / connector / "config.json").exists()
+        assert (root / "checkpoints" / connector / "README.md").exists()
+
+
+def test_a_failing_run_is_reported_and_the_others_go_on(study):
+    root, result = study
+    assert [f["run"] for f in result["failures"]] == ["pixel_shuffle-scale-3-32px-seed0"]
+    assert "does not divide the 4x4 patch grid" in result["failures"][0]["error"]
+    report = (root / "report.md").read_text()
+    assert "## Failed runs" in report and "pixel_shuffle-scale-3-32px-seed0" in report
+    assert "## Verdicts on the paper's claims" in report
+
+
+def test_a_restarted_study_skips_finished_runs(study):
+    root, _ = study
+    before = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/run.json")}
+    again = run_study(quick(root))
+    after = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/run.json")}
+    assert before == after and len(again["runs"]) == 2
+
+
+def test_connector_specs_parse_hyper_parameters_and_refuse_unknown_names():
+    assert parse_connector("avgpool:output_grid=2,depth=1") == ("avgpool", {"output_grid": 2, "depth": 1},
+                                                                 "avgpool-output_grid-2-depth-1")
+    with pytest.raises(ValueError, match="'mlp3' is not a registered connector"):
+        parse_connector("mlp3")
