@@ -10,6 +10,7 @@ a failed run is recorded and the others go on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import statistics
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cvlm.modeling import CONNECTORS
+from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
 
 DEFAULT_CONNECTORS = ["linear", "mlp", "avgpool", "avgpool:output_grid=2", "qformer", "cabstractor", "dense_sci",
                       "dense_dci", "pixel_shuffle"]
@@ -67,6 +68,18 @@ def parse_connector(spec: str) -> tuple[str, dict, str]:
     return name, hyper, label
 
 
+def _patch_size(vision: str) -> int:
+    from cvlm.presets import TINY_PATCH_SIZE, VISION_PRESETS
+
+    if vision in VISION_PRESETS:
+        return TINY_PATCH_SIZE
+    from transformers import AutoConfig
+
+    vision_config = AutoConfig.from_pretrained(vision)
+    patch = getattr(vision_config, "vision_config", vision_config).patch_size
+    return patch if isinstance(patch, int) else patch[0]
+
+
 def _synthetic(root: Path, resolution: int, config: StudyConfig) -> dict:
     from cvlm.eval.synthetic import Difficulty, write_benchmark
 
@@ -89,6 +102,8 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     from cvlm.trainers.train import main as train_main
 
     start = time.time()
+    if connector == "qformer" and "num_queries" not in hyper:  # a fixed Q must still compress: P/4, as the pools do
+        hyper = {**hyper, "num_queries": max(1, (resolution // _patch_size(config.vision)) ** 2 // 4)}
     base = build(run_dir / "base", vision=config.vision, llm=config.llm, connector=connector, connector_args=hyper,
                  image_size=resolution, seed=seed, vision_width=config.vision_width, llm_width=config.llm_width)
     common = ["--per_device_train_batch_size", str(config.batch_size), "--seed", str(seed), "--report_to", "none",
@@ -122,7 +137,8 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     return {
         "connector": label, "connector_type": connector, "hyper_parameters": hyper,
         "family": CONNECTORS[connector].family, "resolution": resolution, "seed": seed,
-        "tokens": first["speed"]["visual_tokens_per_image"], "patches": (resolution // 8) ** 2,
+        "tokens": first["speed"]["visual_tokens_per_image"],
+        "patches": math.prod(ConnectorVLMConfig.from_dict(config_json).vision_grid),
         "scores": scores, "benchmarks": {b: r["granularity"] for b, r in results.items()},
         "subtasks": {b: r["granularity"][g]["subtasks"] for b, r in results.items() for g in GRANULARITIES},
         "train_wall_s": sum(f["wall_time_s"] for f in facts),

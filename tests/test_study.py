@@ -18,7 +18,7 @@ def quick(output, connectors=("mlp", "avgpool")) -> StudyConfig:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    result = run_study(quick(root, connectors=("mlp", "avgpool", "pixel_shuffle:scale=3")))
+    result = run_study(quick(root, connectors=("mlp", "avgpool", "qformer", "pixel_shuffle:scale=3")))
     return root, result
 
 
@@ -28,16 +28,18 @@ def test_the_output_folder_holds_results_report_plots_and_checkpoints(study):
                  "loss_curves.png", "study_config.json"):
         assert (root / name).stat().st_size > 0, name
     saved = json.loads((root / "results.json").read_text())
-    assert [r["connector"] for r in saved["runs"]] == ["mlp", "avgpool"]
+    assert [r["connector"] for r in saved["runs"]] == ["mlp", "avgpool", "qformer"]
     for run in saved["runs"]:
         assert {"connector", "family", "tokens", "resolution", "seed", "scores", "train_wall_s", "train_samples_per_s",
                 "prefill_ms", "peak_memory_mb", "losses", "subtasks"} <= set(run)
         assert set(run["scores"]) == {"coarse", "fine", "reasoning"}
         assert all(0 <= v <= 100 for v in run["scores"].values())
-    assert {r["connector"]: r["tokens"] for r in saved["runs"]} == {"mlp": 16, "avgpool": 4}
+    # 16 patches at 32 px; the study gives the Q-Former P/4 queries so that it compresses like the pools
+    assert {r["connector"]: (r["patches"], r["tokens"]) for r in saved["runs"]} == {
+        "mlp": (16, 16), "avgpool": (16, 4), "qformer": (16, 4)}
     assert len(saved["verdicts"]) == 5
     assert all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in saved["verdicts"])
-    for connector in ("mlp", "avgpool"):
+    for connector in ("mlp", "avgpool", "qformer"):
         assert (root / "checkpoints" / connector / "config.json").exists()
         assert (root / "checkpoints" / connector / "README.md").exists()
 
@@ -56,7 +58,7 @@ def test_a_restarted_study_skips_finished_runs(study):
     before = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/run.json")}
     again = run_study(quick(root))
     after = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/run.json")}
-    assert before == after and len(again["runs"]) == 2
+    assert before == after and len(again["runs"]) == 2  # the two asked for, both from their run.json
 
 
 def test_connector_specs_parse_hyper_parameters_and_refuse_unknown_names():
