@@ -32,6 +32,7 @@ from cvlm.modeling import (
     ConnectorVLMProcessor,
 )
 from cvlm.model_cards.card import BUILD_FACTS, write_card
+from cvlm.modeling.configuration_connector_vlm import _pair
 from cvlm.presets import CHATML_TEMPLATE, IMAGE_TOKEN, LM_PRESETS, VISION_PRESETS, tiny_lm, tiny_tokenizer, tiny_vision
 
 AUTO_MAP = {
@@ -96,10 +97,6 @@ def load_vision(spec: str, image_size: int | None = None, dtype="auto", seed: in
     if image_size is not None and image_size != _pair(vision_config.image_size)[0]:
         model, processor = resize_vision(model, processor, image_size)
     return model, processor
-
-
-def _pair(value):
-    return (value, value) if isinstance(value, int) else tuple(value)
 
 
 def resize_vision(model, processor, image_size: int):

@@ -144,22 +144,20 @@ def _item(rng, subtask, canvas, question, values, truth, yes_no) -> Item:
     return Item(subtask, canvas.finish(), question, _options(rng, values, truth), truth, yes_no(truth), yes_no(wrong))
 
 
+# Coarse subtasks: a property of the whole canvas (its attribute name), asked openly and as yes/no.
+COARSE = {
+    "background_colour": ("background", "What colour is the background?", list(BACKGROUNDS), "Is the background {}?"),
+    "pattern": ("pattern", "What pattern does the background have?", list(PATTERNS), "Is the background pattern {}?"),
+    "brightness": ("brightness", "Is the picture dark or bright?", list(BRIGHTNESS), "Is the picture {}?"),
+}
+
+
 def make_item(subtask: str, rng: random.Random, d: Difficulty = Difficulty()) -> Item:
-    if subtask == "background_colour":
+    if subtask in COARSE:
+        attribute, question, values, yes_no = COARSE[subtask]
         c = Canvas(rng, d)
         c.distractors(("triangle", "circle", "square"))
-        return _item(rng, subtask, c, "What colour is the background?", list(BACKGROUNDS), c.background,
-                     lambda v: f"Is the background {v}?")
-    if subtask == "pattern":
-        c = Canvas(rng, d)
-        c.distractors(("triangle", "circle", "square"))
-        return _item(rng, subtask, c, "What pattern does the background have?", list(PATTERNS), c.pattern,
-                     lambda v: f"Is the background pattern {v}?")
-    if subtask == "brightness":
-        c = Canvas(rng, d)
-        c.distractors(("triangle", "circle", "square"))
-        return _item(rng, subtask, c, "Is the picture dark or bright?", list(BRIGHTNESS), c.brightness,
-                     lambda v: f"Is the picture {v}?")
+        return _item(rng, subtask, c, question, values, getattr(c, attribute), yes_no.format)
     if subtask == "object_colour":
         c = Canvas(rng, d)
         colour = rng.choice([k for k in COLOURS if k != "black"])
