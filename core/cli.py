@@ -168,13 +168,16 @@ def _cmd_space(args) -> int:
 def _cmd_study(args) -> int:
     from cvlm.study import StudyConfig, run_study
 
-    config = StudyConfig(output=args.output)
+    overrides = {k: getattr(args, k) for k in ("vision", "llm") if getattr(args, k)}
+    config = StudyConfig(output=args.output, **overrides)
     if args.quick:  # minutes: two connectors, one resolution, one seed, few steps
         config.connectors, config.resolutions, config.seeds = ["mlp", "avgpool"], [32], [0]
         config.align_steps, config.finetune_steps, config.train_per_subtask, config.test_per_subtask = 10, 30, 8, 3
-    for key in ("connectors", "resolutions", "seeds", "vision", "llm", "vision_width", "llm_width", "align_steps",
+        config.pretrain_encoder_steps = 30
+    for key in ("connectors", "resolutions", "seeds", "vision_width", "llm_width", "align_steps",
                 "finetune_steps", "batch_size", "train_per_subtask", "test_per_subtask", "align_data",
-                "finetune_data", "image_folder", "mapping"):
+                "finetune_data", "image_folder", "mapping", "pretrain_encoder_steps", "align_lr", "finetune_lr",
+                "lora_r", "lora_alpha", "workers", "lm_full"):
         value = getattr(args, key)
         if value is not None:
             setattr(config, key, value)
@@ -182,7 +185,6 @@ def _cmd_study(args) -> int:
         from cvlm.modeling import CONNECTORS
 
         config.connectors = list(CONNECTORS)
-    config.lm_full = args.lm_full
     if args.benchmark:
         config.benchmarks = dict(item.split("=", 1) for item in args.benchmark)
         if not config.align_data:
@@ -299,7 +301,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--align-steps", "--align_steps", type=int)
     p.add_argument("--finetune-steps", "--finetune_steps", "--steps", type=int)
     p.add_argument("--batch-size", "--batch_size", type=int)
-    p.add_argument("--lm-full", "--lm_full", action="store_true", help="finetune the whole LM instead of LoRA")
+    p.add_argument("--lm-full", "--lm_full", action=argparse.BooleanOptionalAction,
+                   help="finetune the whole LM instead of LoRA (default: yes for a tiny preset LM, no otherwise)")
+    p.add_argument("--lora-r", "--lora_r", type=int, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", "--lora_alpha", type=int, help="LoRA alpha (default 16)")
+    p.add_argument("--align-lr", "--align_lr", type=float, help="default 1e-3")
+    p.add_argument("--finetune-lr", "--finetune_lr", type=float, help="default 2e-3")
+    p.add_argument("--pretrain-encoder-steps", "--pretrain_encoder_steps", type=int,
+                   help="steps of the tiny encoder's pre-training on synthetic pictures (0: keep it random)")
+    p.add_argument("--workers", type=int, help="runs at once, the cores shared between them (default 2)")
     p.add_argument("--train-per-subtask", "--train_per_subtask", type=int)
     p.add_argument("--test-per-subtask", "--test_per_subtask", type=int)
     p.add_argument("--align-data", "--align_data", help="real scale: LLaVA-format align data")

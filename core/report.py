@@ -55,7 +55,11 @@ def margin_for(rows: list[dict], key) -> float:
 
 
 def _fmt(mean: float, sd: float) -> str:
-    return f"{mean:.1f} ± {sd:.1f}"
+    return "no runs" if math.isnan(mean) else f"{mean:.1f} ± {sd:.1f}"
+
+
+def _margin(margin: float) -> str:
+    return "no margin: one seed has no spread to judge by" if math.isinf(margin) else f"margin {margin:.1f}"
 
 
 def verdict_family_gap(rows: list[dict], granularity: str) -> dict:
@@ -82,7 +86,7 @@ def claim_fine_grained(rows: list[dict]) -> dict:
             "verdict": verdict, "evidence": (
                 f"fine-grained: preserving {_fmt(gap['preserving'], gap['preserving_sd'])} vs compressing "
                 f"{_fmt(gap['compressing'], gap['compressing_sd'])} % (difference {gap['difference']:+.1f}, "
-                f"margin {gap['margin']:.1f})")}
+                f"{_margin(gap['margin'])})")}
 
 
 def claim_comparable(rows: list[dict]) -> dict:
@@ -96,8 +100,8 @@ def claim_comparable(rows: list[dict]) -> dict:
     else:
         verdict = "inconclusive"  # close, but the seeds scatter too much to call it
     evidence = "; ".join(f"{g}: preserving {_fmt(x['preserving'], x['preserving_sd'])} vs compressing "
-                         f"{_fmt(x['compressing'], x['compressing_sd'])} % (difference {x['difference']:+.1f}, margin "
-                         f"{x['margin']:.1f})" for g, x in gaps.items())
+                         f"{_fmt(x['compressing'], x['compressing_sd'])} % (difference {x['difference']:+.1f}, "
+                         f"{_margin(x['margin'])})" for g, x in gaps.items())
     return {"claim": "Compressing connectors are comparable on coarse-grained perception and reasoning.",
             "verdict": verdict, "evidence": evidence}
 
@@ -140,7 +144,7 @@ def claim_ranking(rows: list[dict]) -> dict:
         verdict = "inconclusive"
     evidence = ", ".join(f"{name} {_fmt(m, s)}" for name, (m, s) in stats.items())
     return {"claim": "Average pooling ≈ C-Abstractor > Q-Former (mean over the three granularities).",
-            "verdict": verdict, "evidence": f"{evidence} % (margin {margin:.1f})"}
+            "verdict": verdict, "evidence": f"{evidence} % ({_margin(margin)})"}
 
 
 def claim_resolution(rows: list[dict]) -> dict:
@@ -160,8 +164,8 @@ def claim_resolution(rows: list[dict]) -> dict:
         verdict = "inconclusive"
     return {"claim": "Returns diminish with resolution.", "verdict": verdict,
             "evidence": f"mean score at {', '.join(map(str, resolutions[:3]))} px: "
-                        f"{', '.join(f'{m:.1f}' for m in means)} % (gains {first:+.1f} then {second:+.1f}, margin "
-                        f"{margin:.1f})"}
+                        f"{', '.join(f'{m:.1f}' for m in means)} % (gains {first:+.1f} then {second:+.1f}, "
+                        f"{_margin(margin)})"}
 
 
 CLAIMS = (claim_fine_grained, claim_comparable, claim_faster, claim_ranking, claim_resolution)

@@ -32,23 +32,39 @@ GRANULARITIES = ("coarse", "fine", "reasoning")
 class StudyConfig:
     output: str = "runs/study"
     connectors: list[str] = field(default_factory=lambda: list(DEFAULT_CONNECTORS))
-    resolutions: list[int] = field(default_factory=lambda: [32, 48, 64])  # stand for 224 / 336 / 448
+    resolutions: list[int] = field(default_factory=lambda: [32, 48])  # stand for 224 / 336
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     vision: str = "tiny-clip"
     llm: str = "tiny-llama"
-    vision_width: int | None = None
-    llm_width: int | None = None
-    align_steps: int = 100
-    finetune_steps: int = 300
+    vision_width: int | None = 64  # the tiny presets' sizes (ignored for Hub ids and folders)
+    llm_width: int | None = 128  # measured: a 64-wide LM never found the small objects, a 128-wide one did
+    pretrain_encoder_steps: int = 600  # synthetic study with a preset encoder: 0 keeps it random
+    align_steps: int = 30
+    finetune_steps: int = 250
     batch_size: int = 16
-    lm_full: bool = False  # finetune the whole LM instead of LoRA
-    train_per_subtask: int = 120
+    align_lr: float = 1e-3
+    finetune_lr: float = 2e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lm_full: bool | None = None  # finetune the whole LM instead of LoRA; default: yes for a from-scratch preset LM
+    workers: int = 2  # runs at once, each on its share of the cores
+    train_per_subtask: int = 300
     test_per_subtask: int = 20
     align_data: str | None = None  # real scale: LLaVA-format files; default: the synthetic benchmark
     finetune_data: str | None = None
     image_folder: str | None = None
     benchmarks: dict = field(default_factory=dict)  # real scale: {"mme": PATH, "mmbench": PATH, ...}
     mapping: str | None = None
+
+    def __post_init__(self):
+        from cvlm.presets import LM_PRESETS, VISION_PRESETS
+
+        if self.vision not in VISION_PRESETS:
+            self.vision_width = None
+        if self.llm not in LM_PRESETS:
+            self.llm_width = None
+        if self.lm_full is None:  # LoRA adapts what a pre-trained LM knows; a preset LM starts from nothing
+            self.lm_full = self.llm in LM_PRESETS
 
 
 def parse_connector(spec: str) -> tuple[str, dict, str]:
@@ -95,6 +111,19 @@ def _synthetic(root: Path, resolution: int, config: StudyConfig) -> dict:
     return paths
 
 
+def _encoder(root: Path, resolution: int, config: StudyConfig) -> str:
+    """The vision encoder every run at `resolution` starts from: the preset pre-trained on synthetic
+    pictures (cached under encoders/) for the synthetic study, else `config.vision` itself."""
+    from cvlm.presets import VISION_PRESETS
+
+    if config.benchmarks or config.vision not in VISION_PRESETS or config.pretrain_encoder_steps <= 0:
+        return config.vision
+    from cvlm.encoder_pretraining import pretrain_encoder
+
+    return str(pretrain_encoder(root / "encoders" / f"{config.vision}-{resolution}px", resolution,
+                                steps=config.pretrain_encoder_steps, vision=config.vision, width=config.vision_width))
+
+
 def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: int, seed: int,
             config: StudyConfig, data: dict) -> dict:
     from cvlm.build import build
@@ -104,20 +133,22 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     start = time.time()
     if connector == "qformer" and "num_queries" not in hyper:  # a fixed Q must still compress: P/4, as the pools do
         hyper = {**hyper, "num_queries": max(1, (resolution // _patch_size(config.vision)) ** 2 // 4)}
-    base = build(run_dir / "base", vision=config.vision, llm=config.llm, connector=connector, connector_args=hyper,
-                 image_size=resolution, seed=seed, vision_width=config.vision_width, llm_width=config.llm_width)
+    base = build(run_dir / "base", vision=data["vision"], llm=config.llm, connector=connector, connector_args=hyper,
+                 image_size=resolution, seed=seed, llm_width=config.llm_width,
+                 vision_width=config.vision_width if data["vision"] == config.vision else None)
     common = ["--per_device_train_batch_size", str(config.batch_size), "--seed", str(seed), "--report_to", "none",
               "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "10", "--warmup_steps", "10",
               "--cache_features", str(Path(config.output) / "feature_cache")]
     if config.image_folder:
         common += ["--image_folder", config.image_folder]
-    stages = [("align", base, data["align"], config.align_steps, "1e-3"),
-              ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, "2e-3")]
+    stages = [("align", base, data["align"], config.align_steps, str(config.align_lr)),
+              ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, str(config.finetune_lr))]
     for stage, source, train_data, steps, lr in stages:
         args = ["--model", str(source), "--data", train_data, "--stage", stage, "--output_dir", str(run_dir / stage),
                 "--max_steps", str(steps), "--learning_rate", lr, *common]
-        if stage == "finetune" and config.lm_full:
-            args += ["--lm_full", "true"]
+        if stage == "finetune":
+            args += ["--lm_full", "true"] if config.lm_full else ["--lora_r", str(config.lora_r), "--lora_alpha",
+                                                                   str(config.lora_alpha)]
         if train_main(args) != 0:
             raise RuntimeError(f"cvlm train --stage {stage} failed")
     final = run_dir / "finetune"
@@ -151,6 +182,26 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     }
 
 
+def _run_job(job: dict) -> dict:
+    """One run, in a worker process (or inline): its row, written to run.json, or its failure."""
+    run_dir = Path(job["run_dir"])
+    if job["threads"]:
+        import torch
+
+        torch.set_num_threads(job["threads"])
+    try:
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+        row = run_one(run_dir, *job["spec"], job["resolution"], job["seed"], StudyConfig(**job["config"]), job["data"])
+    except Exception as error:  # noqa: BLE001 - reported, and the study goes on
+        return {"failure": {"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
+                            "traceback": traceback.format_exc(limit=3)}}
+    done = run_dir / "run.json"
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row, indent=2))
+    os.replace(tmp, done)
+    return {"row": row}
+
+
 def run_study(config: StudyConfig) -> dict:
     from cvlm.report import verdicts
 
@@ -159,33 +210,54 @@ def run_study(config: StudyConfig) -> dict:
     (root / "study_config.json").write_text(json.dumps(asdict(config), indent=2))
     specs = [parse_connector(c) for c in config.connectors]
     runs = [(spec, res, seed) for res in config.resolutions for spec in specs for seed in config.seeds]
-    rows, failures = [], []
-    bar = tqdm(runs, desc="cvlm study", unit="run")
-    for (connector, hyper, label), resolution, seed in bar:
-        bar.set_postfix_str(f"{label} {resolution}px seed {seed}")
-        run_dir = root / "runs" / f"{label}-{resolution}px-seed{seed}"
-        done = run_dir / "run.json"
-        if done.exists():
-            rows.append(json.loads(done.read_text()))
+    rows: dict[int, dict] = {}
+    failures: list[dict] = []
+    jobs: dict[int, dict] = {}
+    for i, (spec, resolution, seed) in enumerate(runs):
+        run_dir = root / "runs" / f"{spec[2]}-{resolution}px-seed{seed}"
+        if (run_dir / "run.json").exists():  # finished before: kept as it is
+            rows[i] = json.loads((run_dir / "run.json").read_text())
             continue
-        if config.benchmarks:
-            data = {"align": config.align_data, "finetune": config.finetune_data or config.align_data,
-                    "benchmarks": dict(config.benchmarks), "mapping": config.mapping}
+        jobs[i] = {"run_dir": str(run_dir), "spec": spec, "resolution": resolution, "seed": seed,
+                   "config": asdict(config), "threads": None}
+    data_by_resolution = {}
+    for job in jobs.values():  # data and encoders first, once per resolution, with every core
+        resolution = job["resolution"]
+        if resolution not in data_by_resolution:
+            if config.benchmarks:
+                data = {"align": config.align_data, "finetune": config.finetune_data or config.align_data,
+                        "benchmarks": dict(config.benchmarks), "mapping": config.mapping}
+            else:
+                paths = _synthetic(root, resolution, config)
+                data = {"align": paths["train"], "finetune": paths["train"], "benchmarks": {"mmbench": paths["mmbench"]},
+                        "mapping": paths["mapping"]}
+            data["vision"] = _encoder(root, resolution, config)
+            data_by_resolution[resolution] = data
+        job["data"] = data_by_resolution[resolution]
+    workers = max(1, min(config.workers, len(jobs)))
+    bar = tqdm(total=len(runs), initial=len(rows), desc="cvlm study", unit="run")
+    if workers == 1:
+        outcomes = ((i, _run_job(job)) for i, job in jobs.items())
+    else:  # small models use one core each better than two: one run per core, the cores shared out
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = {pool.submit(_run_job, {**job, "threads": threads}): i for i, job in jobs.items()}
+        outcomes = ((futures[f], f.result()) for f in as_completed(futures))
+    for i, outcome in outcomes:
+        if "row" in outcome:
+            rows[i] = outcome["row"]
         else:
-            paths = _synthetic(root, resolution, config)
-            data = {"align": paths["train"], "finetune": paths["train"], "benchmarks": {"mmbench": paths["mmbench"]},
-                    "mapping": paths["mapping"]}
-        try:
-            shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
-            row = run_one(run_dir, connector, hyper, label, resolution, seed, config, data)
-        except Exception as error:  # noqa: BLE001 - reported, and the study goes on
-            failures.append({"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
-                             "traceback": traceback.format_exc(limit=3)})
-            continue
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=2))
-        os.replace(tmp, done)
-        rows.append(row)
+            failures.append(outcome["failure"])
+        bar.update(1)
+        bar.set_postfix_str(f"last: {Path(jobs[i]['run_dir']).name}")
+    bar.close()
+    if workers > 1:
+        pool.shutdown()
+    rows = [rows[i] for i in sorted(rows)]
+    failures.sort(key=lambda f: f["run"])
     result = {"config": asdict(config), "runs": rows, "failures": failures, "verdicts": verdicts(rows) if rows else []}
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))

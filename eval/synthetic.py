@@ -1,7 +1,7 @@
 """The synthetic granularity benchmark: procedurally drawn pictures and questions whose three
 granularities (arXiv 2410.06765) are separable by construction.
 
-- coarse-grained perception: properties of the whole picture (background colour, pattern,
+- coarse-grained perception: properties of the whole picture (background colour, shading,
   brightness);
 - fine-grained perception: properties of small objects that only survive at patch resolution
   (the colour or place of the one small square, the count of small circles, a tiny digit);
@@ -29,7 +29,7 @@ from .formats import write_mme_release, write_mmbench_tsv
 from .loaders import MCQ_INSTRUCTION, MME_INSTRUCTION, _options_block
 
 SUBTASKS = {
-    "background_colour": "coarse", "pattern": "coarse", "brightness": "coarse",
+    "background_colour": "coarse", "shading": "coarse", "brightness": "coarse",
     "object_colour": "fine", "object_location": "fine", "count": "fine", "digit": "fine",
     "left_of": "reasoning", "more": "reasoning", "larger": "reasoning",
 }
@@ -39,7 +39,8 @@ L2 = {"coarse": "coarse_perception", "fine": "finegrained_perception (instance-l
 BACKGROUNDS = {"red": (235, 190, 190), "green": (190, 230, 190), "blue": (190, 205, 240), "yellow": (240, 230, 180)}
 COLOURS = {"red": (215, 35, 35), "green": (30, 165, 55), "blue": (35, 70, 215), "purple": (140, 50, 180),
            "orange": (240, 130, 20), "black": (20, 20, 20)}
-PATTERNS = ("plain", "stripes", "checker")
+SHADINGS = ("plain", "horizontal", "vertical")  # a gradient across the whole picture: survives any pooling
+KINDS = ("square", "circle", "triangle", "digit")
 BRIGHTNESS = ("dark", "bright")
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 DIGITS = {  # 3 x 5 glyphs
@@ -58,6 +59,7 @@ class Item:
     answer: str  # the right option's text
     yes_question: str  # its answer is Yes
     no_question: str  # its answer is No
+    scene: dict | None = None  # what was drawn: background, shading, brightness, objects (kind, colour, box)
 
 
 @dataclass
@@ -65,40 +67,43 @@ class Difficulty:
     image_size: int = 64
     object_size: int = 6  # px at image_size; fine-grained objects stay smaller than a patch
     clutter: int = 3  # distractor objects per picture
+    cell: int = 8  # px: small objects sit one per cell (the tiny encoders' patch size)
 
 
 class Canvas:
-    def __init__(self, rng: random.Random, d: Difficulty, background=None, pattern=None, brightness=None):
+    def __init__(self, rng: random.Random, d: Difficulty, background=None, shading=None, brightness=None):
         self.rng, self.d = rng, d
         self.background = background or rng.choice(list(BACKGROUNDS))
-        self.pattern = pattern or rng.choice(PATTERNS)
+        self.shading = shading or rng.choice(SHADINGS)
         self.brightness = brightness or rng.choice(BRIGHTNESS)
         size = d.image_size
         self.image = Image.new("RGB", (size, size), BACKGROUNDS[self.background])
         self.draw = ImageDraw.Draw(self.image)
-        shade = tuple(max(0, c - 30) for c in BACKGROUNDS[self.background])
-        step = max(4, size // 8)
-        if self.pattern == "stripes":
-            for x in range(0, size, 2 * step):
-                self.draw.rectangle([x, 0, x + step - 1, size], fill=shade)
-        elif self.pattern == "checker":
-            for x in range(0, size, step):
-                for y in range(0, size, step):
-                    if (x // step + y // step) % 2:
-                        self.draw.rectangle([x, y, x + step - 1, y + step - 1], fill=shade)
-        self.taken: list[tuple[int, int, int]] = []
+        if self.shading != "plain":  # the background darkens by up to 60 levels left to right or top to bottom
+            for t in range(size):
+                colour = tuple(max(0, c - 60 * t // size) for c in BACKGROUNDS[self.background])
+                line = [t, 0, t, size] if self.shading == "horizontal" else [0, t, size, t]
+                self.draw.line(line, fill=colour)
+        self.taken: set[tuple[int, int]] = set()  # top-left corners of the cells in use
+        self.objects: list[dict] = []
 
     def place(self, size: int, region=None) -> tuple[int, int]:
-        """A free spot (top-left corner) for an object of `size`, optionally inside (x0, y0, x1, y1)."""
-        full = self.d.image_size
-        x0, y0, x1, y1 = region or (1, 1, full - 1, full - 1)
-        for _ in range(200):
-            x, y = self.rng.randint(x0, max(x0, x1 - size)), self.rng.randint(y0, max(y0, y1 - size))
-            if all(abs(x - tx) > (size + ts) // 2 + 1 or abs(y - ty) > (size + ts) // 2 + 1 for tx, ty, ts in self.taken):
-                self.taken.append((x, y, size))
-                return x, y
-        self.taken.append((x, y, size))
-        return x, y
+        """A free spot (top-left corner) for an object of `size`, optionally inside (x0, y0, x1, y1).
+        Objects sit inside cells of `cell` px (an encoder's patch, by default) and never share one,
+        so a patch sees each small object whole; bigger objects take a block of cells."""
+        full, cell = self.d.image_size, self.d.cell
+        span = -(-size // cell)  # cells per side
+        x0, y0, x1, y1 = region or (0, 0, full, full)
+        spots = [(cx, cy) for cy in range(0, full - span * cell + 1, cell) for cx in range(0, full - span * cell + 1, cell)
+                 if x0 <= cx + span * cell / 2 < x1 and y0 <= cy + span * cell / 2 < y1
+                 and not any((cx + i * cell, cy + j * cell) in self.taken for i in range(span) for j in range(span))]
+        if not spots:
+            raise ValueError(f"No free {span}x{span} block of {cell}-px cells left in a {full}-px picture: "
+                             "lower Difficulty.clutter or raise image_size.")
+        cx, cy = self.rng.choice(spots)
+        self.taken.update((cx + i * cell, cy + j * cell) for i in range(span) for j in range(span))
+        slack = span * cell - size  # centred in its block: a patch sees each kind of object drawn one way
+        return cx + slack // 2, cy + slack // 2
 
     def shape(self, kind: str, colour: str, size: int | None = None, at=None, region=None) -> tuple[int, int]:
         size = size or self.d.object_size
@@ -110,10 +115,13 @@ class Canvas:
             self.draw.ellipse(box, fill=fill)
         else:  # triangle
             self.draw.polygon([(x + size // 2, y), (x, y + size - 1), (x + size - 1, y + size - 1)], fill=fill)
+        self.objects.append({"kind": kind, "colour": colour, "box": box})
         return x, y
 
     def digit(self, value: str, scale: int = 1, region=None) -> None:
         x, y = self.place(5 * scale, region)
+        self.objects.append({"kind": "digit", "colour": "black", "value": value,
+                             "box": [x, y, x + 3 * scale - 1, y + 5 * scale - 1]})
         for i, bit in enumerate(DIGITS[value]):
             if bit == "1":
                 cx, cy = x + (i % 3) * scale, y + (i // 3) * scale
@@ -126,8 +134,11 @@ class Canvas:
 
     def finish(self) -> Image.Image:
         factor = 0.55 if self.brightness == "dark" else 1.0
-        image = self.image.point(lambda v: int(v * factor))
-        return image
+        return self.image.point(lambda v: int(v * factor))
+
+    def scene(self) -> dict:
+        return {"background": self.background, "shading": self.shading, "brightness": self.brightness,
+                "objects": self.objects}
 
 
 def _options(rng: random.Random, values, truth: str, n: int = 4) -> list[str]:
@@ -141,13 +152,14 @@ def _options(rng: random.Random, values, truth: str, n: int = 4) -> list[str]:
 def _item(rng, subtask, canvas, question, values, truth, yes_no) -> Item:
     """`yes_no(value)`: the yes/no question stating `value`."""
     wrong = rng.choice([v for v in values if v != truth])
-    return Item(subtask, canvas.finish(), question, _options(rng, values, truth), truth, yes_no(truth), yes_no(wrong))
+    return Item(subtask, canvas.finish(), question, _options(rng, values, truth), truth, yes_no(truth), yes_no(wrong),
+                canvas.scene())
 
 
 # Coarse subtasks: a property of the whole canvas (its attribute name), asked openly and as yes/no.
 COARSE = {
     "background_colour": ("background", "What colour is the background?", list(BACKGROUNDS), "Is the background {}?"),
-    "pattern": ("pattern", "What pattern does the background have?", list(PATTERNS), "Is the background pattern {}?"),
+    "shading": ("shading", "What shading does the background have?", list(SHADINGS), "Is the background shading {}?"),
     "brightness": ("brightness", "Is the picture dark or bright?", list(BRIGHTNESS), "Is the picture {}?"),
 }
 

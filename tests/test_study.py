@@ -12,7 +12,7 @@ from cvlm.study import StudyConfig, parse_connector, run_study
 
 def quick(output, connectors=("mlp", "avgpool")) -> StudyConfig:
     return StudyConfig(output=str(output), connectors=list(connectors), resolutions=[32], seeds=[0], align_steps=6,
-                       finetune_steps=12, train_per_subtask=4, test_per_subtask=2)
+                       finetune_steps=12, train_per_subtask=4, test_per_subtask=2, pretrain_encoder_steps=8)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,11 @@ def test_the_output_folder_holds_results_report_plots_and_checkpoints(study):
     for connector in ("mlp", "avgpool", "qformer"):
         assert (root / "checkpoints" / connector / "config.json").exists()
         assert (root / "checkpoints" / connector / "README.md").exists()
+    # every run starts from the one encoder pre-trained (and cached) for its resolution, and a 128-wide LM
+    facts = json.loads((root / "encoders" / "tiny-clip-32px" / "cvlm_encoder_pretraining.json").read_text())
+    assert facts["steps"] == 8 and facts["width"] == 64 and facts["image_size"] == 32
+    config = json.loads((root / "checkpoints" / "mlp" / "config.json").read_text())
+    assert config["vision_config"]["hidden_size"] == 64 and config["text_config"]["hidden_size"] == 128
 
 
 def test_a_failing_run_is_reported_and_the_others_go_on(study):
@@ -59,6 +64,13 @@ def test_a_restarted_study_skips_finished_runs(study):
     again = run_study(quick(root))
     after = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/run.json")}
     assert before == after and len(again["runs"]) == 2  # the two asked for, both from their run.json
+
+
+def test_a_preset_lm_is_finetuned_whole_and_a_hub_lm_through_lora():
+    assert StudyConfig().lm_full is True and StudyConfig().llm_width == 128
+    real = StudyConfig(vision="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5")
+    assert real.lm_full is False and real.vision_width is None and real.llm_width is None
+    assert StudyConfig(lm_full=False).lm_full is False
 
 
 def test_connector_specs_parse_hyper_parameters_and_refuse_unknown_names():

@@ -94,6 +94,34 @@ def test_pictures_show_what_their_answers_say():
     assert big.yes_question != big.no_question
 
 
+def test_small_objects_sit_one_per_patch_cell_and_the_scene_says_where():
+    for seed in range(30):
+        for subtask in ("object_colour", "count", "digit", "more", "left_of"):
+            item = make_item(subtask, random.Random(seed), Difficulty(image_size=64))
+            cells = [(o["box"][0] // 8, o["box"][1] // 8) for o in item.scene["objects"]]
+            assert len(cells) == len(set(cells)), (subtask, seed)  # never two in one cell
+            for o in item.scene["objects"]:
+                x0, y0, x1, y1 = o["box"]
+                assert (x0 // 8, y0 // 8) == (x1 // 8, y1 // 8), (subtask, seed, o)  # inside one cell
+    item = make_item("left_of", random.Random(0), Difficulty(image_size=64))
+    red = next(o for o in item.scene["objects"] if o["colour"] == "red" and o["kind"] == "square")
+    blue = next(o for o in item.scene["objects"] if o["colour"] == "blue" and o["kind"] == "square")
+    assert (red["box"][0] < blue["box"][0]) == (item.answer == "left")
+
+
+def test_every_answer_value_is_an_option_the_loader_keeps(bench):
+    """A value such as "none" reads as a missing option in MMBench TSVs: no answer may be one."""
+    mmb, _ = load_benchmark("mmbench", bench["mmbench"])
+    shading = {tuple(sorted(q.choices)) for q in mmb if q.fields["category"] == "shading"}
+    assert shading == {("horizontal", "plain", "vertical")}
+    assert all(len(q.choices) >= 2 for q in mmb)
+
+
+def test_too_much_clutter_for_the_cells_names_the_fix():
+    with pytest.raises(ValueError, match="lower Difficulty.clutter or raise image_size"):
+        make_item("background_colour", random.Random(0), Difficulty(image_size=16, clutter=5))
+
+
 def test_an_unknown_subtask_names_the_allowed_ones():
     with pytest.raises(ValueError) as info:
         make_item("colour_of_sky", random.Random(0))

@@ -54,7 +54,7 @@ def encoder_fingerprint(model, processor) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a cache never share a temp file
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -124,7 +124,7 @@ class FeatureCache:
                 stacked = torch.stack(selected, dim=1).cpu()  # [B, n_layers, N, C]
                 tensors.update({digest: stacked[i].contiguous() for i, (digest, _) in enumerate(part)})
             shard = f"features-{shard_number:05d}.safetensors"
-            tmp = self.dir / (shard + ".tmp")
+            tmp = self.dir / f"{shard}.{os.getpid()}.tmp"
             save_file(tensors, str(tmp))
             os.replace(tmp, self.dir / shard)
             self.index.update({digest: shard for digest in tensors})
