@@ -259,12 +259,39 @@ def run_study(config: StudyConfig) -> dict:
     rows = [rows[i] for i in sorted(rows)]
     failures.sort(key=lambda f: f["run"])
     result = {"config": asdict(config), "runs": rows, "failures": failures, "verdicts": verdicts(rows) if rows else []}
+    if not config.benchmarks and rows:
+        result["baselines"] = _baselines(root, rows)
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, root / "results.json")
     write_report(root, result)
     _keep_checkpoints(root, rows, config)
     return result
+
+
+def _granularity_means(subtask_scores: dict, mapping: dict) -> dict:
+    return {g: statistics.fmean(v for k, v in subtask_scores.items() if mapping[k] == g) for g in GRANULARITIES}
+
+
+def _baselines(root: Path, rows: list[dict]) -> dict:
+    """What needs no picture: chance (one over the options, per subtask) and the blind baseline: the
+    best run's model asked the same questions over plain grey pictures."""
+    from cvlm.eval.loaders import load_benchmark
+    from cvlm.eval.runner import evaluate_model
+    from cvlm.eval.synthetic import SUBTASKS
+
+    best = max(rows, key=lambda r: statistics.fmean(v or 0 for v in r["scores"].values()))
+    paths = json.loads((root / "data" / f"synthetic-{best['resolution']}" / "paths.json").read_text())
+    questions, _ = load_benchmark("mmbench", paths["mmbench"])
+    per_subtask: dict[str, list[float]] = {}
+    for q in questions:
+        per_subtask.setdefault(q.fields["category"], []).append(100 / len(q.choices))
+    chance = _granularity_means({k: statistics.fmean(v) for k, v in per_subtask.items()}, SUBTASKS)
+    name = f"{best['connector']}-{best['resolution']}px-seed{best['seed']}"
+    blind = evaluate_model(best["checkpoint"], "mmbench", paths["mmbench_blind"], str(root / "blind" / name),
+                           mode="likelihood", mapping_file=paths["mapping"])
+    scores = {g: blind["granularity"][g]["macro"] for g in GRANULARITIES}
+    return {"chance": chance, "blind": {"run": name, "scores": scores}}
 
 
 def _keep_checkpoints(root: Path, rows: list[dict], config: StudyConfig) -> None:
@@ -286,6 +313,25 @@ def _mean_sd(values):
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
+LEARNT_MARGIN = 15.0  # points above chance that count as "learnt"
+
+
+def _learnability(rows: list[dict], chance: dict, blind: dict) -> str:
+    """Whether the benchmark was learnt at all: the best connector per granularity against chance."""
+    parts = []
+    for g in GRANULARITIES:
+        groups: dict[tuple, list[float]] = {}
+        for r in rows:
+            if r["scores"][g] is not None:
+                groups.setdefault((r["connector"], r["resolution"]), []).append(r["scores"][g])
+        (connector, resolution), values = max(groups.items(), key=lambda kv: statistics.fmean(kv[1]))
+        best = statistics.fmean(values)
+        state = "learnt" if best - chance[g] >= LEARNT_MARGIN else "not learnt"
+        parts.append(f"{g}: best {connector} at {resolution} px {best:.1f} vs chance {chance[g]:.1f} ({state})")
+    return ("Learnt at all? (best mean over seeds at least " f"{LEARNT_MARGIN:.0f} points above chance) "
+            + "; ".join(parts) + ". Verdicts on a granularity that no connector learnt say nothing about connectors.")
+
+
 def write_report(root: Path, result: dict) -> None:
     from cvlm.plot import line_plot, radar_plot
 
@@ -304,6 +350,13 @@ def write_report(root: Path, result: dict) -> None:
                      + f" | {statistics.fmean(r['train_wall_s'] for r in runs):.1f} | "
                      f"{statistics.fmean(r['train_samples_per_s'] for r in runs):.1f} | "
                      f"{statistics.fmean(r['prefill_ms'] for r in runs):.1f} |")
+    if result.get("baselines"):
+        chance, blind = result["baselines"]["chance"], result["baselines"]["blind"]
+        lines.append("| chance (one over the options) | - | - | - | " + " | ".join(f"{chance[g]:.1f}" for g in GRANULARITIES)
+                     + " | - | - | - |")
+        lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
+                     + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
+        lines += ["", _learnability(rows, chance, blind)]
     lines += ["", "## Verdicts on the paper's claims", ""]
     for v in result["verdicts"]:
         lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")

@@ -16,9 +16,9 @@ from PIL import Image
 CIRCULAR_OFFSET = 1_000_000
 
 
-def _jpeg_base64(image: Image.Image) -> str:
+def _jpeg_base64(image: Image.Image, image_format: str = "JPEG") -> str:
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=95)
+    image.convert("RGB").save(buffer, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
     return base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -74,8 +74,9 @@ def mmbench_rows(items: list[dict], circular: bool = True) -> list[dict]:
     return rows
 
 
-def write_mmbench_tsv(path, items: list[dict], circular: bool = True) -> Path:
-    """The official TSV: index, question, hint, A-D, answer, category, image (base64), source, l2-category, ..."""
+def write_mmbench_tsv(path, items: list[dict], circular: bool = True, image_format: str = "JPEG") -> Path:
+    """The official TSV: index, question, hint, A-D, answer, category, image (base64), source, l2-category, ...
+    Images are JPEG as in the official files; `image_format="PNG"` keeps pixels exact (small drawn objects)."""
     columns = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source",
                "l2-category", "comment", "split"]
     path = Path(path)
@@ -84,7 +85,8 @@ def write_mmbench_tsv(path, items: list[dict], circular: bool = True) -> Path:
         writer = csv.DictWriter(handle, fieldnames=columns, delimiter="\t")
         writer.writeheader()
         for row in mmbench_rows(items, circular):
-            writer.writerow({**row, "image": row["image"] if isinstance(row["image"], str) else _jpeg_base64(row["image"])})
+            image = row["image"] if isinstance(row["image"], str) else _jpeg_base64(row["image"], image_format)
+            writer.writerow({**row, "image": image})
     return path
 
 

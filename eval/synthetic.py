@@ -247,8 +247,9 @@ def yes_no_prompt(question: str) -> str:
 
 def write_benchmark(folder, seed: int = 0, train_per_subtask: int = 200, test_per_subtask: int = 40,
                     difficulty: Difficulty = Difficulty(), subtasks=None, open_questions_only: bool = False) -> dict:
-    """Writes train/ (LLaVA JSON + images), test_mme/ (MME release folders), test_mmbench.tsv and
-    mapping.json under `folder`; returns their paths. Train and test pictures come from
+    """Writes train/ (LLaVA JSON + images), test_mme/ (MME release folders), test_mmbench.tsv,
+    test_mmbench_blind.tsv (its questions over plain grey pictures) and mapping.json under `folder`;
+    returns their paths. Train and test pictures come from
     different random streams of the same seed. `open_questions_only`: every train question is the
     open one, answered by the value (what likelihood ranking of option texts then scores)."""
     folder = Path(folder)
@@ -285,9 +286,13 @@ def write_benchmark(folder, seed: int = 0, train_per_subtask: int = 200, test_pe
                               "answer": "ABCD"[item.options.index(item.answer)], "category": subtask,
                               "l2_category": L2[SUBTASKS[subtask]], "image": item.image})
     write_mme_release(folder / "test_mme", mme_items)
-    write_mmbench_tsv(folder / "test_mmbench.tsv", mmb_items)
+    write_mmbench_tsv(folder / "test_mmbench.tsv", mmb_items, image_format="PNG")  # exact pixels, as trained on
+    # the blind baseline: the same questions, every picture one plain grey (what text alone can answer)
+    grey = [{**item, "image": Image.new("RGB", item["image"].size, (128, 128, 128))} for item in mmb_items]
+    write_mmbench_tsv(folder / "test_mmbench_blind.tsv", grey, image_format="PNG")
     mapping = {"description": "The synthetic granularity benchmark's subtasks, by construction.",
                "mapping": {"mme": {s: SUBTASKS[s] for s in subtasks}, "mmbench": {s: SUBTASKS[s] for s in subtasks}}}
     (folder / "mapping.json").write_text(json.dumps(mapping, indent=2))
     return {"train": str(folder / "train" / "data.json"), "mme": str(folder / "test_mme"),
-            "mmbench": str(folder / "test_mmbench.tsv"), "mapping": str(folder / "mapping.json")}
+            "mmbench": str(folder / "test_mmbench.tsv"), "mmbench_blind": str(folder / "test_mmbench_blind.tsv"),
+            "mapping": str(folder / "mapping.json")}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -38,6 +37,12 @@ def test_the_output_folder_holds_results_report_plots_and_checkpoints(study):
     assert {r["connector"]: (r["patches"], r["tokens"]) for r in saved["runs"]} == {
         "mlp": (16, 16), "avgpool": (16, 4), "qformer": (16, 4)}
     assert len(saved["verdicts"]) == 5
+    # what needs no picture: chance from the options, and the best model over grey pictures
+    assert saved["baselines"]["chance"] == pytest.approx({"coarse": 100 * (1 / 4 + 1 / 3 + 1 / 2) / 3,
+                                                          "fine": 25.0, "reasoning": 50.0})
+    assert set(saved["baselines"]["blind"]["scores"]) == {"coarse", "fine", "reasoning"}
+    assert "| chance (one over the options) |" in (root / "report.md").read_text()
+    assert "Learnt at all?" in (root / "report.md").read_text()
     assert all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in saved["verdicts"])
     for connector in ("mlp", "avgpool", "qformer"):
         assert (root / "checkpoints" / connector / "config.json").exists()
