@@ -85,6 +85,10 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
 
     torch.manual_seed(seed)
     heads = _Heads(vision_model.config.hidden_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vision_model.to(device)
+    heads.to(device)
+    pixels, patch_y, scene_y = pixels.to(device), patch_y.to(device), {k: v.to(device) for k, v in scene_y.items()}
     vision_model.train()
     params = [*vision_model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -97,7 +101,7 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
     bar = tqdm(range(steps), desc=f"pre-training the encoder ({image_size} px)", unit="step")
     losses = []
     for step in bar:
-        index = torch.randint(train_count, (batch_size,), generator=generator)
+        index = torch.randint(train_count, (batch_size,), generator=generator).to(device)
         feats = _features(vision_model, pixels[index], feature_layer)
         # few patches hold an object: positives weigh as much as all the empty patches together
         loss = nn.functional.binary_cross_entropy_with_logits(heads.patch(feats), patch_y[index], pos_weight=pos_weight)
@@ -111,7 +115,9 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
         losses.append([step + 1, round(loss.item(), 5)])
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    vision_model.eval()
+    vision_model.eval().to("cpu")
+    heads.to("cpu")
+    pixels, patch_y, scene_y = pixels.cpu(), patch_y.cpu(), {k: v.cpu() for k, v in scene_y.items()}
     with torch.no_grad():  # how well the heads read the held-out end of the pictures
         held = slice(train_count, None)
         feats = _features(vision_model, pixels[held], feature_layer)

@@ -288,6 +288,8 @@ def _baselines(root: Path, rows: list[dict]) -> dict:
         per_subtask.setdefault(q.fields["category"], []).append(100 / len(q.choices))
     chance = _granularity_means({k: statistics.fmean(v) for k, v in per_subtask.items()}, SUBTASKS)
     name = f"{best['connector']}-{best['resolution']}px-seed{best['seed']}"
+    if "mmbench_blind" not in paths:  # data written by an older version
+        return {"chance": chance, "blind": None}
     blind = evaluate_model(best["checkpoint"], "mmbench", paths["mmbench_blind"], str(root / "blind" / name),
                            mode="likelihood", mapping_file=paths["mapping"])
     scores = {g: blind["granularity"][g]["macro"] for g in GRANULARITIES}
@@ -354,8 +356,9 @@ def write_report(root: Path, result: dict) -> None:
         chance, blind = result["baselines"]["chance"], result["baselines"]["blind"]
         lines.append("| chance (one over the options) | - | - | - | " + " | ".join(f"{chance[g]:.1f}" for g in GRANULARITIES)
                      + " | - | - | - |")
-        lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
-                     + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
+        if blind:
+            lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
+                         + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
         lines += ["", _learnability(rows, chance, blind)]
     lines += ["", "## Verdicts on the paper's claims", ""]
     for v in result["verdicts"]:

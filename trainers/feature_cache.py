@@ -115,12 +115,15 @@ class FeatureCache:
                 seen.add(digest)
                 todo.append((digest, image))
         shard_number = len(set(self.index.values()))
+        tower, home = model.model.vision_tower, model.device
+        device = torch.device("cuda") if torch.cuda.is_available() else home  # the Trainer has not placed it yet
+        tower.to(device)
         for start in tqdm(range(0, len(todo), SHARD_SIZE), desc="caching encoder features", disable=not todo):
             chunk, tensors = todo[start : start + SHARD_SIZE], {}
             for b in range(0, len(chunk), batch_size):
                 part = chunk[b : b + batch_size]
                 pixels = processor.image_processor([load_image(img) for _, img in part], return_tensors="pt")["pixel_values"]
-                selected = model.model.select_vision_features(pixels.to(model.device))  # n_layers x [B, N, C]
+                selected = model.model.select_vision_features(pixels.to(device))  # n_layers x [B, N, C]
                 stacked = torch.stack(selected, dim=1).cpu()  # [B, n_layers, N, C]
                 tensors.update({digest: stacked[i].contiguous() for i, (digest, _) in enumerate(part)})
             shard = f"features-{shard_number:05d}.safetensors"
@@ -131,6 +134,7 @@ class FeatureCache:
             _atomic_write_text(self.dir / "manifest.json", json.dumps(
                 {"fingerprint": self.fingerprint, "shape": self.shape, "index": self.index}))
             shard_number += 1
+        tower.to(home)
         return len(todo)
 
     def get(self, image) -> torch.Tensor:
