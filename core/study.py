@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
 
-DEFAULT_CONNECTORS = ["linear", "mlp", "avgpool", "avgpool:output_grid=2", "qformer", "cabstractor", "dense_sci",
+DEFAULT_CONNECTORS = ["linear", "mlp", "avgpool", "avgpool:output_grid=1", "qformer", "cabstractor", "dense_sci",
                       "dense_dci", "pixel_shuffle"]
 GRANULARITIES = ("coarse", "fine", "reasoning")
 
