@@ -169,7 +169,41 @@ def claim_resolution(rows: list[dict]) -> dict:
 
 
 CLAIMS = (claim_fine_grained, claim_comparable, claim_faster, claim_ranking, claim_resolution)
+LEARNT_MARGIN = 15.0  # percentage points above chance that the best connector must reach for "learnt"
+USES = {claim_fine_grained: ("fine",), claim_comparable: ("coarse", "reasoning"), claim_ranking: GRANULARITIES,
+        claim_resolution: GRANULARITIES}
 
 
-def verdicts(rows: list[dict]) -> list[dict]:
-    return [claim(rows) for claim in CLAIMS]
+def learnt(rows: list[dict], chance: dict) -> dict:
+    """Per granularity: the best (connector, resolution) by its mean over seeds, its score, chance,
+    and whether it is at least LEARNT_MARGIN above chance."""
+    out = {}
+    for g in GRANULARITIES:
+        groups: dict[tuple, list[float]] = {}
+        for r in rows:
+            if r["scores"].get(g) is not None:
+                groups.setdefault((r["connector"], r["resolution"]), []).append(r["scores"][g])
+        if not groups or g not in chance:
+            continue
+        (connector, resolution), values = max(groups.items(), key=lambda kv: statistics.fmean(kv[1]))
+        best = statistics.fmean(values)
+        out[g] = {"connector": connector, "resolution": resolution, "best": best, "chance": chance[g],
+                  "learnt": best - chance[g] >= LEARNT_MARGIN}
+    return out
+
+
+def verdicts(rows: list[dict], chance: dict | None = None) -> list[dict]:
+    """Each claim's verdict. With `chance` (per granularity), a claim that rests on a granularity no
+    connector learnt is inconclusive whatever the differences: they would be noise around chance."""
+    state = learnt(rows, chance) if chance else {}
+    out = []
+    for claim in CLAIMS:
+        result = claim(rows)
+        unlearnt = [g for g in USES.get(claim, ()) if g in state and not state[g]["learnt"]]
+        if unlearnt:
+            result = {**result, "verdict": "inconclusive"}
+            result["evidence"] = (f"no connector learnt {' or '.join(unlearnt)} (best "
+                                  + ", ".join(f"{state[g]['best']:.1f} vs chance {state[g]['chance']:.1f}" for g in unlearnt)
+                                  + f", {LEARNT_MARGIN:.0f} points above chance needed); " + result["evidence"])
+        out.append(result)
+    return out

@@ -203,7 +203,7 @@ def _run_job(job: dict) -> dict:
 
 
 def run_study(config: StudyConfig) -> dict:
-    from cvlm.report import verdicts
+    from cvlm.report import learnt, verdicts
 
     root = Path(config.output)
     root.mkdir(parents=True, exist_ok=True)
@@ -258,9 +258,12 @@ def run_study(config: StudyConfig) -> dict:
         pool.shutdown()
     rows = [rows[i] for i in sorted(rows)]
     failures.sort(key=lambda f: f["run"])
-    result = {"config": asdict(config), "runs": rows, "failures": failures, "verdicts": verdicts(rows) if rows else []}
-    if not config.benchmarks and rows:
-        result["baselines"] = _baselines(root, rows)
+    baselines = _baselines(root, rows) if rows and not config.benchmarks else None
+    chance = baselines["chance"] if baselines else None
+    result = {"config": asdict(config), "runs": rows, "failures": failures,
+              "verdicts": verdicts(rows, chance) if rows else []}
+    if baselines:
+        result["baselines"] = {**baselines, "learnt": learnt(rows, chance)}
     tmp = root / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, root / "results.json")
@@ -315,23 +318,14 @@ def _mean_sd(values):
     return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
 
 
-LEARNT_MARGIN = 15.0  # points above chance that count as "learnt"
-
-
-def _learnability(rows: list[dict], chance: dict, blind: dict) -> str:
+def _learnability(state: dict) -> str:
     """Whether the benchmark was learnt at all: the best connector per granularity against chance."""
-    parts = []
-    for g in GRANULARITIES:
-        groups: dict[tuple, list[float]] = {}
-        for r in rows:
-            if r["scores"][g] is not None:
-                groups.setdefault((r["connector"], r["resolution"]), []).append(r["scores"][g])
-        (connector, resolution), values = max(groups.items(), key=lambda kv: statistics.fmean(kv[1]))
-        best = statistics.fmean(values)
-        state = "learnt" if best - chance[g] >= LEARNT_MARGIN else "not learnt"
-        parts.append(f"{g}: best {connector} at {resolution} px {best:.1f} vs chance {chance[g]:.1f} ({state})")
-    return ("Learnt at all? (best mean over seeds at least " f"{LEARNT_MARGIN:.0f} points above chance) "
-            + "; ".join(parts) + ". Verdicts on a granularity that no connector learnt say nothing about connectors.")
+    from cvlm.report import LEARNT_MARGIN
+
+    parts = [f"{g}: best {x['connector']} at {x['resolution']} px {x['best']:.1f} vs chance {x['chance']:.1f} "
+             f"({'learnt' if x['learnt'] else 'not learnt'})" for g, x in state.items()]
+    return (f"Learnt at all? (the best mean over seeds at least {LEARNT_MARGIN:.0f} points above chance) "
+            + "; ".join(parts) + ". A claim that rests on a granularity no connector learnt is inconclusive.")
 
 
 def write_report(root: Path, result: dict) -> None:
@@ -359,7 +353,7 @@ def write_report(root: Path, result: dict) -> None:
         if blind:
             lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
                          + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
-        lines += ["", _learnability(rows, chance, blind)]
+        lines += ["", _learnability(result["baselines"]["learnt"])]
     lines += ["", "## Verdicts on the paper's claims", ""]
     for v in result["verdicts"]:
         lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")
