@@ -24,9 +24,13 @@ def _ticks(low: float, high: float, count: int = 5) -> list[float]:
 
 
 def line_plot(xs, ys, path: str | os.PathLike, title: str = "", x_label: str = "", y_label: str = "",
-              series: dict[str, tuple[list, list]] | None = None, size=(720, 440)) -> Path:
-    """Writes a PNG with one line (xs, ys) or several (`series`: name -> (xs, ys)), atomically."""
+              series: dict[str, tuple[list, list]] | None = None, size=(720, 440), log_y: bool = False) -> Path:
+    """Writes a PNG with one line (xs, ys) or several (`series`: name -> (xs, ys)), atomically.
+    `log_y`: a logarithmic y axis (positive values only), for losses that fall by decades."""
     series = series or {y_label or "value": (list(xs), list(ys))}
+    if log_y:
+        series = {name: (sx, [math.log10(y) if y is not None and y > 0 else None for y in sy])
+                  for name, (sx, sy) in series.items()}
     all_x = [x for sx, _ in series.values() for x in sx]
     all_y = [y for _, sy in series.values() for y in sy if y is not None and math.isfinite(y)]
     width, height = size
@@ -47,7 +51,7 @@ def line_plot(xs, ys, path: str | os.PathLike, title: str = "", x_label: str = "
     for tick in y_ticks:
         _, py = point(x0, tick)
         draw.line([left - 4, py, width - right, py], fill=(225, 225, 225))
-        draw.text((8, py - 6), f"{tick:.3g}", fill="black", font=font)
+        draw.text((8, py - 6), f"{10 ** tick if log_y else tick:.3g}", fill="black", font=font)
     for tick in _ticks(x0, x1):
         px, _ = point(tick, y0)
         draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
@@ -63,7 +67,7 @@ def line_plot(xs, ys, path: str | os.PathLike, title: str = "", x_label: str = "
             draw.text((left + 10, top + 8 + 14 * i), f"- {name}", fill=colour, font=font)
     draw.text((left, 12), title, fill="black", font=font)
     draw.text(((width - len(x_label) * 6) / 2, height - 20), x_label, fill="black", font=font)
-    draw.text((8, top - 16), y_label, fill="black", font=font)
+    draw.text((8, top - 16), y_label + (" (log scale)" if log_y else ""), fill="black", font=font)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.png")
     image.save(tmp)

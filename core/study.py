@@ -391,4 +391,4 @@ def write_report(root: Path, result: dict) -> None:
             curves[c] = (steps, losses)
     if curves:
         line_plot([], [], root / "loss_curves.png", title="training loss (align, then finetune)", x_label="step",
-                  y_label="loss", series=curves)
+                  y_label="loss", series=curves, log_y=True)

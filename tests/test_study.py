@@ -100,3 +100,15 @@ def test_connector_specs_parse_hyper_parameters_and_refuse_unknown_names():
                                                                  "avgpool-output_grid-2-depth-1")
     with pytest.raises(ValueError, match="'mlp3' is not a registered connector"):
         parse_connector("mlp3")
+
+
+def test_loss_curves_can_fall_by_decades_on_a_log_axis(tmp_path):
+    from PIL import Image
+
+    from cvlm.plot import line_plot
+
+    steps, losses = [1, 2, 3, 4], [6.0, 0.5, 0.01, 0.0]  # a zero loss has no logarithm: left out, no error
+    linear = line_plot(steps, losses, tmp_path / "linear.png", y_label="loss")
+    log = line_plot(steps, losses, tmp_path / "log.png", y_label="loss", log_y=True)
+    assert Image.open(log).size == Image.open(linear).size == (720, 440)
+    assert Image.open(log).tobytes() != Image.open(linear).tobytes()
