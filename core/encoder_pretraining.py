@@ -51,11 +51,10 @@ class _Heads(nn.Module):
         self.scene = nn.ModuleDict({k: nn.Linear(width, len(v)) for k, v in SCENE_LABELS.items()})
 
 
-def _features(vision, pixel_values, feature_layer: int) -> torch.Tensor:
+def _features(vision, pixel_values, feature_layer: int, grid_tokens: int) -> torch.Tensor:
+    """The patch tokens of `feature_layer` (a CLS or other prefix token dropped)."""
     out = vision(pixel_values=pixel_values, output_hidden_states=True)
-    hidden = out.hidden_states[feature_layer]
-    grid_tokens = hidden.shape[1] - (hidden.shape[1] != int(hidden.shape[1] ** 0.5) ** 2)  # drop a CLS token
-    return hidden[:, -grid_tokens:]
+    return out.hidden_states[feature_layer][:, -grid_tokens:]
 
 
 def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 300, batch_size: int = 32,
@@ -75,6 +74,7 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
             return output
     vision_model, processor = load_vision(vision, image_size, "float32", seed, width, layers)
     patch_size = vision_model.config.patch_size
+    grid_tokens = (image_size // patch_size) ** 2
     difficulty = Difficulty(image_size=image_size, object_size=max(2, round(6 * image_size / 64)))
     rng = random.Random(f"{seed}-encoder")
     subtasks = list(SUBTASKS)
@@ -102,7 +102,7 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
     losses = []
     for step in bar:
         index = torch.randint(train_count, (batch_size,), generator=generator).to(device)
-        feats = _features(vision_model, pixels[index], feature_layer)
+        feats = _features(vision_model, pixels[index], feature_layer, grid_tokens)
         # few patches hold an object: positives weigh as much as all the empty patches together
         loss = nn.functional.binary_cross_entropy_with_logits(heads.patch(feats), patch_y[index], pos_weight=pos_weight)
         pooled = feats.mean(1)
@@ -120,7 +120,7 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
     pixels, patch_y, scene_y = pixels.cpu(), patch_y.cpu(), {k: v.cpu() for k, v in scene_y.items()}
     with torch.no_grad():  # how well the heads read the held-out end of the pictures
         held = slice(train_count, None)
-        feats = _features(vision_model, pixels[held], feature_layer)
+        feats = _features(vision_model, pixels[held], feature_layer, grid_tokens)
         predicted, truth = heads.patch(feats) > 0, patch_y[held].bool()
         hits = (predicted & truth).sum().item()  # F1 over the (rare) positive labels: what is where
         facts["patch_label_f1"] = round(2 * hits / max(1, predicted.sum().item() + truth.sum().item()), 4)
