@@ -32,6 +32,7 @@ from cvlm.modeling import (
     ConnectorVLMProcessor,
 )
 from cvlm.model_cards.card import BUILD_FACTS, write_card
+from cvlm.files import atomic_folder, check_output
 from cvlm.modeling.configuration_connector_vlm import _pair
 from cvlm.presets import CHATML_TEMPLATE, IMAGE_TOKEN, LM_PRESETS, VISION_PRESETS, tiny_lm, tiny_tokenizer, tiny_vision
 
@@ -69,6 +70,26 @@ def _dtype(dtype):
     return DTYPES[dtype]
 
 
+# ---- where a backbone comes from -----------------------------------------------------------------
+def check_source(spec: str, flag: str, presets) -> None:
+    """A preset, an existing folder with a config.json, or something shaped like a Hub id (org/name):
+    anything else is named before transformers answers with a message about repo ids."""
+    if spec in presets:
+        return
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {spec}: the folder has no config.json, so it is not a saved model. "
+                                    f"Point at the folder that save_pretrained wrote.")
+        return
+    if path.exists():
+        raise ValueError(f"{flag} {spec} is a file; give a model folder, a Hub id or a preset ({', '.join(presets)}).")
+    hub_id = spec.count("/") <= 1 and not spec.startswith((".", "/", "~")) and " " not in spec and spec.strip()
+    if not hub_id:
+        raise FileNotFoundError(f"{flag} {spec}: no such folder. Give a model folder, a Hub id (org/name) or a "
+                                f"preset: {', '.join(presets)}.")
+
+
 # ---- vision encoder ------------------------------------------------------------------------------
 def _preset_size(spec: str, presets, **size) -> dict:
     """Width/depth overrides apply to the tiny presets only."""
@@ -83,6 +104,7 @@ def load_vision(spec: str, image_size: int | None = None, dtype="auto", seed: in
     size = _preset_size(spec, VISION_PRESETS, width=width, layers=layers)
     if spec in VISION_PRESETS:
         return tiny_vision(spec, image_size=image_size, seed=seed, **size)
+    check_source(spec, "--vision", VISION_PRESETS)
     config = AutoConfig.from_pretrained(spec)
     vision_config = getattr(config, "vision_config", None) or config  # a full CLIP/SigLIP -> its vision tower
     try:
@@ -138,6 +160,7 @@ def load_lm(spec: str, dtype="auto", seed: int = 0, width=None, layers=None):
         lm = tiny_lm(spec, tokenizer, seed=seed, **size)
         generation_config = GenerationConfig.from_model_config(lm.config)
     else:
+        check_source(spec, "--llm", LM_PRESETS)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         lm = AutoModelForCausalLM.from_pretrained(spec, dtype=_dtype(dtype))
         generation_config = copy.deepcopy(lm.generation_config)
@@ -175,7 +198,15 @@ def build_model(
     """A ConnectorVLMForConditionalGeneration with the backbones' weights and a seeded, freshly
     initialised connector, and its ConnectorVLMProcessor. `vision_width`, `vision_layers`,
     `llm_width`, `llm_layers` resize the tiny presets (e.g. for benchmarks)."""
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"--image-size {image_size!r} is invalid: use a positive number of pixels, e.g. 224.")
     vision_model, image_processor = load_vision(vision, image_size, dtype, seed, vision_width, vision_layers)
+    patch = _pair(vision_model.config.patch_size)[0]
+    if image_size is not None and image_size % patch:
+        below, above = image_size // patch * patch, (image_size // patch + 1) * patch
+        raise ValueError(f"--image-size {image_size} is not a multiple of the encoder's patch size {patch}: the "
+                         f"encoder would drop the last {image_size % patch} pixel rows. Use "
+                         + (f"{below} or {above}." if below else f"{above}."))
     lm, tokenizer, generation_config = load_lm(llm, dtype, seed, llm_width, llm_layers)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = ConnectorVLMConfig(
@@ -217,12 +248,13 @@ def build_model(
     return model, processor
 
 
-def save_checkpoint(model, processor, output_dir: str | os.PathLike, keep_existing: bool = False) -> Path:
-    """Writes the complete Hub-ready folder atomically: into a temporary sibling, then renamed. With
-    `keep_existing` (a training run's folder, holding its checkpoints), the files are written into
-    a temporary subfolder and each moved into place with an atomic rename; other files stay."""
+def save_checkpoint(model, processor, output_dir: str | os.PathLike, keep_existing: bool = False,
+                    overwrite: bool = False) -> Path:
+    """Writes the complete Hub-ready folder atomically: into a hidden sibling, then renamed. An existing
+    folder is replaced only when this project wrote it (or `overwrite`). With `keep_existing` (a
+    training run's folder, holding its checkpoints), the files are written into a temporary subfolder
+    and each moved into place with an atomic rename; other files stay."""
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
     if keep_existing and output_dir.exists():
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))
         try:
@@ -232,27 +264,22 @@ def save_checkpoint(model, processor, output_dir: str | os.PathLike, keep_existi
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return output_dir
+    output_dir = check_output(output_dir, overwrite)
     model.config.auto_map = dict(AUTO_MAP)  # all four Auto classes; registration alone writes one
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForImageTextToText")
     type(processor).register_for_auto_class("AutoProcessor")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         if getattr(model, "build_facts", None):
             (staging / BUILD_FACTS).write_text(json.dumps(model.build_facts, indent=2) + "\n")
         write_card(staging, title=output_dir.name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return output_dir
 
 
-def build(output: str | os.PathLike, **kwargs) -> Path:
-    """`cvlm build`: build_model(**kwargs) saved to `output`."""
+def build(output: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
+    """`cvlm build`: build_model(**kwargs) saved to `output` (checked before anything is built)."""
+    check_output(output, overwrite)
     model, processor = build_model(**kwargs)
-    return save_checkpoint(model, processor, output)
+    return save_checkpoint(model, processor, output, overwrite=overwrite)

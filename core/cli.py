@@ -8,6 +8,36 @@ import sys
 from pathlib import Path
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line refusal: the problem and where help is, not the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _number(kind, minimum, maximum=None, what=""):
+    """An argparse type: a `kind` (int or float) in [minimum, maximum]; anything else is named with the range."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if value < minimum or (maximum is not None and value > maximum) or value != value:
+            bounds = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {what or 'a value'} {bounds}")
+        return value
+
+    return parse
+
+
+COUNT = _number(int, 1)  # a count of things: at least one
+NATURAL = _number(int, 0)  # zero allowed (seeds, steps that may be skipped)
+PIXELS = _number(int, 1, 8192, "a size in pixels")
+RATE = _number(float, 1e-12, 10.0, "a learning rate")
+PORT = _number(int, 1, 65535, "a port")
+
+
 def _connector_arg(text: str) -> tuple[str, object]:
     """`key=value`; the value is read as JSON when it parses (ints, floats, bools, lists), else a string."""
     if "=" not in text:
@@ -25,6 +55,7 @@ def _cmd_build(args) -> int:
     layers = args.feature_layer[0] if args.feature_layer and len(args.feature_layer) == 1 else args.feature_layer
     path = build(
         args.output,
+        overwrite=args.overwrite,
         vision=args.vision,
         llm=args.llm,
         connector=args.connector,
@@ -35,9 +66,9 @@ def _cmd_build(args) -> int:
         seed=args.seed,
         dtype=args.dtype,
     )
-    from transformers import AutoConfig
+    from cvlm.modeling import ConnectorVLMConfig
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    config = ConnectorVLMConfig.from_pretrained(path)
     print(f"wrote {path}: connector={config.connector_type}, image tokens Q={config.num_image_tokens}")
     return 0
 
@@ -65,7 +96,8 @@ def _cmd_generate(args) -> int:
     from cvlm.generate import demo_image
 
     images = list(args.image or []) + ([demo_image()] if args.demo_image else [])
-    for answer in generate(args.model, args.prompt, images=images, max_new_tokens=args.max_new_tokens):
+    for answer in generate(args.model, args.prompt, images=images, max_new_tokens=args.max_new_tokens,
+                           trust_remote_code=args.trust_remote_code):
         print(repr(answer))
     return 0
 
@@ -121,7 +153,8 @@ def _cmd_eval(args) -> int:
 
     results = evaluate_model(args.model, args.benchmark, args.data, args.output, limit=args.limit,
                              batch_size=args.batch_size, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                             image_folder=args.image_folder, mapping_file=args.mapping, dtype=args.dtype)
+                             image_folder=args.image_folder, mapping_file=args.mapping, dtype=args.dtype,
+                             overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
     if results is not None:  # the first process of a multi-process run reports
         from pathlib import Path
 
@@ -134,7 +167,7 @@ def _cmd_push(args) -> int:
 
     report = push(args.folder, args.repo_id, private=args.private, revision=args.revision,
                   commit_message=args.commit_message, dry_run=args.dry_run, adapter=args.adapter,
-                  base_model=args.base_model, force=args.force)
+                  base_model=args.base_model, force=args.force, trust_remote_code=args.trust_remote_code)
     print(f"{'would upload' if args.dry_run else 'uploaded'} {len(report['files'])} files "
           f"({report['total_bytes'] / 2**20:.2f} MiB) from {report['folder']} to {report['repo_id']}")
     for name, size in report["files"]:
@@ -174,7 +207,7 @@ def _cmd_study(args) -> int:
         config.connectors, config.resolutions, config.seeds = ["mlp", "avgpool"], [32], [0]
         config.align_steps, config.finetune_steps, config.train_per_subtask, config.test_per_subtask = 10, 30, 8, 3
         config.pretrain_encoder_steps = 30
-    for key in ("connectors", "resolutions", "seeds", "vision_width", "llm_width", "align_steps",
+    for key in ("connectors", "resolutions", "seeds", "vision_width", "llm_width", "llm_layers", "align_steps",
                 "finetune_steps", "batch_size", "train_per_subtask", "test_per_subtask", "align_data",
                 "finetune_data", "image_folder", "mapping", "pretrain_encoder_steps", "align_lr", "finetune_lr",
                 "lora_r", "lora_alpha", "workers", "lm_full"):
@@ -190,7 +223,7 @@ def _cmd_study(args) -> int:
         if not config.align_data:
             raise ValueError("--benchmark needs --align-data (and optionally --finetune-data): real benchmarks "
                              "score models trained on real data.")
-    result = run_study(config)
+    result = run_study(config, overwrite=args.overwrite)
     print((Path(config.output) / "report.md").read_text())
     return 0 if result["runs"] else 2
 
@@ -226,15 +259,15 @@ def _cmd_convert(args) -> int:
     from cvlm.convert import from_llava, to_llava
 
     if args.direction == "from-llava":
-        path = from_llava(args.source, args.output, projector=args.projector, vision=args.vision)
+        path = from_llava(args.source, args.output, projector=args.projector, vision=args.vision, overwrite=args.overwrite)
     else:
-        path = to_llava(args.source, args.output)
+        path = to_llava(args.source, args.output, overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
+    parser = Parser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a checkpoint: --stage align | finetune (see `cvlm train --help`)")
 
@@ -244,14 +277,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--connector", default="mlp", help="a registered connector (see `cvlm connectors`)")
     p.add_argument("--connector-arg", "--connector_arg", action="append", type=_connector_arg, metavar="KEY=VALUE",
                    help="a connector hyper-parameter; repeat for several")
-    p.add_argument("--image-size", "--image_size", type=int, help="square input size (pretrained encoders: position embeddings interpolated)")
+    p.add_argument("--image-size", "--image_size", type=PIXELS, help="square input size (pretrained encoders: position embeddings interpolated)")
     p.add_argument("--feature-layer", "--feature_layer", type=int, nargs="+",
                    help="vision hidden-state index (default -2); several are concatenated along channels")
     p.add_argument("--select-strategy", "--select_strategy", choices=["default", "full"], default="default",
                    help="default drops the encoder's CLS/register tokens; full keeps them")
-    p.add_argument("--seed", type=int, default=0, help="seed of the connector's (and presets') initialisation")
+    p.add_argument("--seed", type=NATURAL, default=0, help="seed of the connector's (and presets') initialisation")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--output", required=True, help="folder to write the checkpoint to")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if it holds files this tool did not write")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("eval", help="score a checkpoint on MME / MMBench / SEED-Bench with the granularity breakdown")
@@ -260,10 +294,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="the benchmark's files (see README) or a Hub id")
     p.add_argument("--image-folder", "--image_folder", help="SEED-Bench JSON: the folder of its images")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, results.json, results.md")
-    p.add_argument("--limit", type=int, help="only the first N questions")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=8)
+    p.add_argument("--limit", type=COUNT, help="only the first N questions")
+    p.add_argument("--batch-size", "--batch_size", type=COUNT, default=8)
     p.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=COUNT, default=16)
+    p.add_argument("--overwrite", action="store_true",
+                   help="answer every question again when --output holds another run's predictions")
+    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+                   help="run the code a non-connector-vlm checkpoint names in its auto_map (read it first)")
     p.add_argument("--mapping", help="your own subtask -> granularity JSON (default: eval/granularity_mapping.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.set_defaults(func=_cmd_eval)
@@ -275,6 +313,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--projector", help="LLaVA repo: the mm_projector.bin / .safetensors of a stage-1 run")
     p.add_argument("--vision", help="LLaVA repo: the vision tower (default: the config's mm_vision_tower)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if it holds files this tool did not write")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("push", help="publish a checkpoint folder (or its LoRA adapter) to the Hub in one commit")
@@ -287,42 +326,47 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", action="store_true", help="push the training run's LoRA adapter (adapter/) alone")
     p.add_argument("--base-model", "--base_model", help="with --adapter: the Hub repo of its base checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite files the repo already holds")
+    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+                   help="let the clean-process load check run modeling code that differs from this project's")
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser("study", help="the connector paper's experiment: every connector trained, scored, reported")
     p.add_argument("--output", default="runs/study")
     p.add_argument("--connectors", nargs="+", help="registry names, optionally name:key=value,...; 'all' for the registry")
-    p.add_argument("--resolutions", type=int, nargs="+", help="image sizes (default 32 48, standing for 224 336)")
-    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--resolutions", type=PIXELS, nargs="+", help="image sizes (default 32 48, standing for 224 336)")
+    p.add_argument("--seeds", type=NATURAL, nargs="+")
     p.add_argument("--vision")
     p.add_argument("--llm")
-    p.add_argument("--vision-width", "--vision_width", type=int, help="tiny vision preset's width (default 64)")
-    p.add_argument("--llm-width", "--llm_width", type=int, help="tiny LM preset's width (default 128)")
-    p.add_argument("--align-steps", "--align_steps", type=int, help="default 30")
-    p.add_argument("--finetune-steps", "--finetune_steps", "--steps", type=int, help="default 250 (6000 learns the fine and reasoning subtasks; see README)")
-    p.add_argument("--batch-size", "--batch_size", type=int)
+    p.add_argument("--vision-width", "--vision_width", type=COUNT, help="tiny vision preset's width (default 64)")
+    p.add_argument("--llm-width", "--llm_width", type=COUNT, help="tiny LM preset's width (default 128)")
+    p.add_argument("--llm-layers", "--llm_layers", type=_number(int, 1, 64), help="tiny LM preset's depth (default 2)")
+    p.add_argument("--align-steps", "--align_steps", type=COUNT, help="default 30")
+    p.add_argument("--finetune-steps", "--finetune_steps", "--steps", type=COUNT, help="default 250 (6000 learns the fine and reasoning subtasks; see README)")
+    p.add_argument("--batch-size", "--batch_size", type=COUNT)
     p.add_argument("--lm-full", "--lm_full", action=argparse.BooleanOptionalAction,
                    help="finetune the whole LM instead of LoRA (default: yes for a tiny preset LM, no otherwise)")
-    p.add_argument("--lora-r", "--lora_r", type=int, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", "--lora_alpha", type=int, help="LoRA alpha (default 16)")
-    p.add_argument("--align-lr", "--align_lr", type=float, help="default 1e-3")
-    p.add_argument("--finetune-lr", "--finetune_lr", type=float, help="default 2e-3")
-    p.add_argument("--pretrain-encoder-steps", "--pretrain_encoder_steps", type=int,
+    p.add_argument("--lora-r", "--lora_r", type=COUNT, help="LoRA rank (default 8)")
+    p.add_argument("--lora-alpha", "--lora_alpha", type=COUNT, help="LoRA alpha (default 16)")
+    p.add_argument("--align-lr", "--align_lr", type=RATE, help="default 1e-3")
+    p.add_argument("--finetune-lr", "--finetune_lr", type=RATE, help="default 2e-3")
+    p.add_argument("--pretrain-encoder-steps", "--pretrain_encoder_steps", type=NATURAL,
                    help="steps of the tiny encoder's pre-training on synthetic pictures (0: keep it random)")
-    p.add_argument("--workers", type=int, help="runs at once, the cores shared between them (default 2)")
-    p.add_argument("--train-per-subtask", "--train_per_subtask", type=int)
-    p.add_argument("--test-per-subtask", "--test_per_subtask", type=int)
+    p.add_argument("--workers", type=_number(int, 1, 64, "a number of processes"),
+                   help="runs at once, the cores shared between them (default 2)")
+    p.add_argument("--train-per-subtask", "--train_per_subtask", type=COUNT)
+    p.add_argument("--test-per-subtask", "--test_per_subtask", type=COUNT)
     p.add_argument("--align-data", "--align_data", help="real scale: LLaVA-format align data")
     p.add_argument("--finetune-data", "--finetune_data", help="real scale: LLaVA-format finetune data")
     p.add_argument("--image-folder", "--image_folder")
     p.add_argument("--benchmark", action="append", metavar="NAME=PATH", help="real scale: mme=PATH, mmbench=PATH, ...")
     p.add_argument("--mapping", help="your own subtask -> granularity mapping")
     p.add_argument("--quick", action="store_true", help="two connectors, one resolution, one seed, few steps")
+    p.add_argument("--overwrite", action="store_true", help="use --output even if it holds files this tool did not write")
     p.set_defaults(func=_cmd_study)
 
     p = sub.add_parser("space", help="the connector comparison Space on 127.0.0.1")
     p.add_argument("--models", nargs="+", help="Hub ids or folders (default: untrained tiny presets)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=PORT, default=7860)
     p.set_defaults(func=_cmd_space)
 
     p = sub.add_parser("card", help="(re)write README.md of a checkpoint folder from its recorded facts")
@@ -334,9 +378,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.add_argument("--markdown", action="store_true",
                    help="print the README's table (CLIP-L/14 at 224/336/448 px; --grid is not used)")
-    p.add_argument("--grid", type=int, nargs=2, default=[24, 24], metavar=("H", "W"), help="patch grid (default 24 24)")
-    p.add_argument("--vision-hidden", "--vision_hidden", type=int, default=1024, help="encoder width C (default 1024)")
-    p.add_argument("--text-hidden", "--text_hidden", type=int, default=4096, help="LM width D (default 4096)")
+    p.add_argument("--grid", type=_number(int, 1, 1024, "a grid side"), nargs=2, default=[24, 24], metavar=("H", "W"),
+                   help="patch grid (default 24 24)")
+    p.add_argument("--vision-hidden", "--vision_hidden", type=_number(int, 1, 65536), default=1024, help="encoder width C (default 1024)")
+    p.add_argument("--text-hidden", "--text_hidden", type=_number(int, 1, 65536), default=4096, help="LM width D (default 4096)")
     p.set_defaults(func=_cmd_connectors)
 
     p = sub.add_parser("generate", help="answer a prompt about an image with a checkpoint")
@@ -344,45 +389,47 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", help="image file; repeat for several (omit for text only)")
     p.add_argument("--demo-image", "--demo_image", action="store_true", help="add a built-in test picture")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", "--max_new_tokens", type=COUNT, default=32)
+    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+                   help="run the code a non-connector-vlm checkpoint names in its auto_map (read it first)")
     p.set_defaults(func=_cmd_generate)
 
     bench = sub.add_parser("bench", help="side-by-side speed benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("connectors", help="per connector: params, Q, connector and LM prefill time vs the P/Q bound")
     p.add_argument("--vision", default="tiny-clip")
     p.add_argument("--llm", default="tiny-llama")
-    p.add_argument("--image-size", "--image_size", type=int)
-    p.add_argument("--vision-width", "--vision_width", type=int, help="tiny presets only")
-    p.add_argument("--vision-layers", "--vision_layers", type=int, help="tiny presets only")
-    p.add_argument("--llm-width", "--llm_width", type=int, help="tiny presets only")
-    p.add_argument("--llm-layers", "--llm_layers", type=int, help="tiny presets only")
+    p.add_argument("--image-size", "--image_size", type=PIXELS)
+    p.add_argument("--vision-width", "--vision_width", type=COUNT, help="tiny presets only")
+    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, help="tiny presets only")
+    p.add_argument("--llm-width", "--llm_width", type=COUNT, help="tiny presets only")
+    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, help="tiny presets only")
     p.add_argument("--connectors", nargs="+", help="a subset of the registry (mlp is always measured)")
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=COUNT, default=20)
+    p.add_argument("--warmup", type=NATURAL, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="also write the rows to this JSON file")
     p.set_defaults(func=_cmd_bench_connectors)
 
     p = bench.add_parser("train", help="training samples/s: feature cache on/off, LoRA vs full LM")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", "--batch_size", type=int, default=8)
-    p.add_argument("--image-size", "--image_size", type=int, default=128)
-    p.add_argument("--vision-width", "--vision_width", type=int, default=256)
-    p.add_argument("--vision-layers", "--vision_layers", type=int, default=6)
-    p.add_argument("--llm-width", "--llm_width", type=int, default=512)
-    p.add_argument("--llm-layers", "--llm_layers", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=COUNT, default=20)
+    p.add_argument("--batch-size", "--batch_size", type=COUNT, default=8)
+    p.add_argument("--image-size", "--image_size", type=PIXELS, default=128)
+    p.add_argument("--vision-width", "--vision_width", type=COUNT, default=256)
+    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, default=6)
+    p.add_argument("--llm-width", "--llm_width", type=COUNT, default=512)
+    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, default=4)
+    p.add_argument("--repeats", type=COUNT, default=2)
     p.set_defaults(func=_cmd_bench_train)
 
     p = bench.add_parser("overhead", help="our model vs transformers' LlavaForConditionalGeneration, same weights")
-    p.add_argument("--image-size", "--image_size", type=int, default=192)
-    p.add_argument("--vision-width", "--vision_width", type=int, default=256)
-    p.add_argument("--vision-layers", "--vision_layers", type=int, default=6)
-    p.add_argument("--llm-width", "--llm_width", type=int, default=512)
-    p.add_argument("--llm-layers", "--llm_layers", type=int, default=4)
-    p.add_argument("--new-tokens", "--new_tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--image-size", "--image_size", type=PIXELS, default=192)
+    p.add_argument("--vision-width", "--vision_width", type=COUNT, default=256)
+    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, default=6)
+    p.add_argument("--llm-width", "--llm_width", type=COUNT, default=512)
+    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, default=4)
+    p.add_argument("--new-tokens", "--new_tokens", type=COUNT, default=16)
+    p.add_argument("--repeats", type=COUNT, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_bench_overhead)
@@ -390,17 +437,36 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command. A mistake in what the user gave ends in one or two lines naming it and the fix
+    (exit status 2), never a traceback; `--debug` (anywhere on the line) shows the traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["train"]:  # HfArgumentParser owns the flags: every TrainingArguments field works
-        from cvlm.trainers.train import main as train_main
-
-        return train_main(argv[1:])
-    args = make_parser().parse_args(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    command = argv[0] if argv else "cvlm"
     try:
+        if argv[:1] == ["train"]:  # HfArgumentParser owns the flags: every TrainingArguments field works
+            from cvlm.trainers.train import main as train_main
+
+            return train_main(argv[1:])
+        args = make_parser().parse_args(argv)
         return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"cvlm {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"cvlm {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - every failure becomes a message; --debug shows where
+        if debug:
+            raise
+        print(f"cvlm {command}: error: {describe(error)}", file=sys.stderr)
         return 2
+
+
+def describe(error: BaseException) -> str:
+    """One readable line for an exception: the project's own errors are sentences already; others get
+    their type and a pointer to --debug."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (ValueError, OSError)) and not type(error).__module__.startswith(("torch", "safetensors")):
+        return text
+    return f"{type(error).__name__}: {text} (run again with --debug to see where)"
 
 
 if __name__ == "__main__":

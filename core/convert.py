@@ -22,10 +22,15 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
 from cvlm.build import save_checkpoint
+from cvlm.files import MODEL_TYPE, atomic_folder, check_output
+from cvlm.loading import check_weights, load_processor, read_config
 from cvlm.modeling import ConnectorVLMConfig, ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
 
 PROJECTOR = {"model.multi_modal_projector.linear_1.": "model.connector.layers.0.",
              "model.multi_modal_projector.linear_2.": "model.connector.layers.2."}
+
+
+CONVERT_FACTS = "cvlm_convert.json"  # marks a to-llava output as written by this project
 
 
 class ConversionError(ValueError):
@@ -37,16 +42,26 @@ def _num_prefix(config: ConnectorVLMConfig) -> int:
 
 
 # ---- from LLaVA ---------------------------------------------------------------------------------
-def from_llava(source: str, output: str | os.PathLike, projector: str | None = None, vision: str | None = None) -> Path:
-    """Converts a transformers LLaVA checkpoint or a LLaVA-repo checkpoint; returns the output folder."""
-    config_path = Path(source) / "config.json"
-    raw = json.loads(config_path.read_text()) if config_path.exists() else None
-    if raw is not None and "mm_projector_type" in raw:
-        return _from_llava_repo(source, raw, output, projector, vision)
+def from_llava(source: str, output: str | os.PathLike, projector: str | None = None, vision: str | None = None,
+               overwrite: bool = False) -> Path:
+    """Converts a transformers LLaVA checkpoint or a LLaVA-repo checkpoint; returns the output folder.
+    Both are recognised from their config before any weight is read (a folder of another kind would
+    otherwise become a default-sized LLaVA)."""
+    check_output(output, overwrite)
+    raw = read_config(str(source))
+    if "mm_projector_type" in raw:
+        return _from_llava_repo(source, raw, output, projector, vision, overwrite)
+    if raw.get("model_type") != "llava":
+        raise ConversionError(
+            f"{source} is a {raw.get('model_type')!r} checkpoint. from-llava takes a LlavaForConditionalGeneration "
+            "checkpoint (model_type 'llava') or a LLaVA-repo LM folder (its config has mm_projector_type).")
+    if projector or vision:
+        raise ConversionError("--projector and --vision belong to LLaVA-repo checkpoints; a transformers LLaVA "
+                              "checkpoint carries both already: drop them.")
     llava = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto")
     from transformers import AutoProcessor
 
-    llava_processor = AutoProcessor.from_pretrained(source)
+    llava_processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
     lc = llava.config
     strategy = lc.vision_feature_select_strategy
     config = ConnectorVLMConfig(
@@ -73,7 +88,7 @@ def from_llava(source: str, output: str | os.PathLike, projector: str | None = N
                                       num_image_tokens=config.num_image_tokens, chat_template=llava_processor.chat_template,
                                       image_token=llava_processor.image_token)
     model.build_facts = {"converted_from": str(source), "format": "transformers LlavaForConditionalGeneration"}
-    return save_checkpoint(model, processor, output)
+    return save_checkpoint(model, processor, output, overwrite=overwrite)
 
 
 def _assemble(config: ConnectorVLMConfig, state: dict, dtype) -> ConnectorVLMForConditionalGeneration:
@@ -92,7 +107,7 @@ def _assemble(config: ConnectorVLMConfig, state: dict, dtype) -> ConnectorVLMFor
     return model.eval()
 
 
-def _from_llava_repo(source: str, raw: dict, output, projector: str | None, vision: str | None) -> Path:
+def _from_llava_repo(source: str, raw: dict, output, projector: str | None, vision: str | None, overwrite: bool) -> Path:
     """The LLaVA repo's format: an LM folder (model_type llava_llama / llava_mistral ...) with
     mm_projector_type, mm_vision_select_layer, mm_vision_select_feature and mm_vision_tower."""
     kind = raw["mm_projector_type"]
@@ -126,7 +141,7 @@ def _from_llava_repo(source: str, raw: dict, output, projector: str | None, visi
         vision_feature_layer=raw.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full",
     )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if "<image>" not in tokenizer.get_vocab():
         tokenizer.add_tokens(["<image>"], special_tokens=True)
     vocab = max(len(tokenizer), config.text_config.vocab_size)
@@ -156,7 +171,7 @@ def _from_llava_repo(source: str, raw: dict, output, projector: str | None, visi
     processor = ConnectorVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                       num_image_tokens=config.num_image_tokens, chat_template=_template(tokenizer))
     model.build_facts = {"converted_from": str(source), "format": "LLaVA repository", "vision": vision_id}
-    return save_checkpoint(model, processor, output)
+    return save_checkpoint(model, processor, output, overwrite=overwrite)
 
 
 def _template(tokenizer) -> str:
@@ -184,12 +199,17 @@ def _read_shards(folder: Path) -> dict:
 
 
 # ---- to LLaVA -----------------------------------------------------------------------------------
-def to_llava(source: str | os.PathLike, output: str | os.PathLike) -> Path:
+def to_llava(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """A family checkpoint with a connector LLaVA can express, as LlavaForConditionalGeneration."""
     from transformers import LlavaProcessor
 
+    output = check_output(output, overwrite)
+    if read_config(str(source)).get("model_type") != MODEL_TYPE:
+        raise ConversionError(f"{source} is not a connector-vlm checkpoint: to-llava converts this family's checkpoints.")
+    if Path(source).is_dir():
+        check_weights(source)
     model = ConnectorVLMForConditionalGeneration.from_pretrained(source, dtype="auto")
-    processor = ConnectorVLMProcessor.from_pretrained(source, trust_remote_code=True)
+    processor = load_processor(source)
     config = model.config
     kind, hyper = config.connector_type, config.connector_config
     if not (kind == "linear" or (kind == "mlp" and hyper["depth"] == 2)):
@@ -236,10 +256,11 @@ def to_llava(source: str | os.PathLike, output: str | os.PathLike) -> Path:
     llava.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
     llava.tie_weights()
     llava.generation_config = model.generation_config
-    output = Path(output)
-    llava.save_pretrained(output)
     patch = config.vision_config.patch_size
-    LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=patch,
-                   vision_feature_select_strategy=llava_strategy, chat_template=processor.chat_template,
-                   num_additional_image_tokens=prefix).save_pretrained(output)
+    with atomic_folder(output) as staging:
+        llava.save_pretrained(staging)
+        LlavaProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer, patch_size=patch,
+                       vision_feature_select_strategy=llava_strategy, chat_template=processor.chat_template,
+                       num_additional_image_tokens=prefix).save_pretrained(staging)
+        (staging / CONVERT_FACTS).write_text(json.dumps({"converted_from": str(source), "format": "to-llava"}) + "\n")
     return output

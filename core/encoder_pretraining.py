@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cvlm.files import atomic_folder, check_output, read_json
 from cvlm.eval.synthetic import BACKGROUNDS, BRIGHTNESS, COLOURS, DIGITS, KINDS, SHADINGS, SUBTASKS, Difficulty, make_item
 
 # multi-hot per patch, for the objects centred in it: kind, colour, both together, digit
@@ -64,13 +64,13 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
     returns the folder. Written atomically: an interrupted run leaves nothing behind."""
     from cvlm.build import load_vision
 
-    output = Path(output)
+    output = check_output(output)
     facts = {"vision": vision, "image_size": image_size, "steps": steps, "batch_size": batch_size,
              "pictures": pictures, "seed": seed, "width": width, "layers": layers, "feature_layer": feature_layer,
              "lr": lr, "patch_labels": PATCH_LABELS, "scene_labels": SCENE_LABELS}
     if (output / FACTS).exists():
-        saved = json.loads((output / FACTS).read_text())
-        if {k: saved.get(k) for k in facts} == facts:
+        saved = read_json(output / FACTS, "encoder facts")
+        if {k: saved.get(k) for k in facts} == facts and (output / "model.safetensors").is_file():
             return output
     vision_model, processor = load_vision(vision, image_size, "float32", seed, width, layers)
     patch_size = vision_model.config.patch_size
@@ -129,11 +129,8 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
     facts["final_loss"] = losses[-1][1]
     facts["losses"] = losses[:: max(1, steps // 50)]
 
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vision_model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / FACTS).write_text(json.dumps(facts, indent=2))
-    shutil.rmtree(output, ignore_errors=True)
-    os.replace(tmp, output)
+    with atomic_folder(output) as staging:
+        vision_model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / FACTS).write_text(json.dumps(facts, indent=2))
     return output

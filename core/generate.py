@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from PIL import Image
+
+from cvlm.files import open_image
+from cvlm.loading import load_checkpoint
+from cvlm.modeling.image_conversion import to_rgb
 
 
 def demo_image(size: int = 64) -> Image.Image:
@@ -19,18 +25,14 @@ def demo_image(size: int = 64) -> Image.Image:
     return image
 
 
-def load(model_id: str, dtype=torch.float32):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
-    return model.eval(), processor
-
-
-def generate(model_id: str, prompt: str, images=None, max_new_tokens: int = 32) -> list[str]:
+def generate(model_id: str, prompt: str, images=None, max_new_tokens: int = 32, trust_remote_code: bool = False) -> list[str]:
     """Greedy answers to one prompt about `images` (paths or PIL images; None for text only)."""
-    model, processor = load(model_id)
-    images = [Image.open(i).convert("RGB") if isinstance(i, str) else i for i in (images or [])]
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens!r} is invalid: use a whole number of at least 1.")
+    if not prompt or not prompt.strip():
+        raise ValueError("--prompt is empty: ask a question.")
+    images = [open_image(i, where="--image") if isinstance(i, (str, os.PathLike)) else to_rgb(i) for i in (images or [])]
+    model, processor = load_checkpoint(model_id, trust_remote_code)
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(images=images or None, text=text, return_tensors="pt")

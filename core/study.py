@@ -21,11 +21,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from cvlm.files import check_output, path_digest, read_json, settings_digest, write_atomic
 from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
 
 DEFAULT_CONNECTORS = ["linear", "mlp", "avgpool", "avgpool:output_grid=1", "qformer", "cabstractor", "dense_sci",
                       "dense_dci", "pixel_shuffle"]
 GRANULARITIES = ("coarse", "fine", "reasoning")
+RUN_FORMAT = 2  # bumped when what a run records changes: older run.json files are redone
 
 
 @dataclass
@@ -38,6 +40,7 @@ class StudyConfig:
     llm: str = "tiny-llama"
     vision_width: int | None = 64  # the tiny presets' sizes (ignored for Hub ids and folders)
     llm_width: int | None = 128  # measured: a 64-wide LM never found the small objects, a 128-wide one did
+    llm_layers: int | None = 2
     pretrain_encoder_steps: int = 600  # synthetic study with a preset encoder: 0 keeps it random
     align_steps: int = 30
     finetune_steps: int = 250
@@ -62,7 +65,7 @@ class StudyConfig:
         if self.vision not in VISION_PRESETS:
             self.vision_width = None
         if self.llm not in LM_PRESETS:
-            self.llm_width = None
+            self.llm_width = self.llm_layers = None
         if self.lm_full is None:  # LoRA adapts what a pre-trained LM knows; a preset LM starts from nothing
             self.lm_full = self.llm in LM_PRESETS
 
@@ -80,8 +83,58 @@ def parse_connector(spec: str) -> tuple[str, dict, str]:
             hyper[key] = json.loads(value)
         except json.JSONDecodeError:
             hyper[key] = value
+    try:
+        CONNECTORS[name].resolve_hyper(hyper)
+    except ValueError as error:
+        raise ValueError(f"--connectors {spec!r}: {error}") from None
     label = name + "".join(f"-{k}-{v}" for k, v in hyper.items())
     return name, hyper, label
+
+
+def check_settings(config: StudyConfig) -> None:
+    """Every list non-empty and every number in range, before any work."""
+    for key in ("connectors", "resolutions", "seeds"):
+        if not getattr(config, key):
+            raise ValueError(f"--{key} is empty: give at least one value.")
+    counts = ("align_steps", "finetune_steps", "batch_size", "lora_r", "lora_alpha", "workers", "train_per_subtask",
+              "test_per_subtask")
+    for key in counts:
+        value = getattr(config, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"--{key.replace('_', '-')} {value!r} is invalid: use a whole number of at least 1.")
+    for key in ("align_lr", "finetune_lr"):
+        if not getattr(config, key) > 0:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(config, key)!r} is invalid: use a learning rate above 0.")
+    for value in config.resolutions:
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--resolutions {value!r} is invalid: use image sizes in pixels, e.g. 32 48 64.")
+    for spec in config.connectors:
+        parse_connector(spec)
+
+
+def die_with_parent(parent: int) -> None:
+    """A worker's initializer: it ends when the study's main process is gone, even after kill -9 (which
+    runs no clean-up). Linux says so at once through PR_SET_PDEATHSIG; elsewhere a thread watches."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _patch_size(vision: str) -> int:
@@ -101,13 +154,17 @@ def _synthetic(root: Path, resolution: int, config: StudyConfig) -> dict:
 
     folder = root / "data" / f"synthetic-{resolution}"
     marker = folder / "paths.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
     # objects keep their size relative to the picture, so a low resolution blurs small things, as in the paper
     difficulty = Difficulty(image_size=resolution, object_size=max(2, round(6 * resolution / 64)))
-    paths = write_benchmark(folder, seed=0, train_per_subtask=config.train_per_subtask,
-                            test_per_subtask=config.test_per_subtask, difficulty=difficulty, open_questions_only=True)
-    marker.write_text(json.dumps(paths))
+    settings = {"seed": 0, "train_per_subtask": config.train_per_subtask, "test_per_subtask": config.test_per_subtask,
+                "difficulty": asdict(difficulty), "open_questions_only": True}
+    if marker.exists():
+        saved = read_json(marker, "study data record")
+        if saved.get("settings") == settings:
+            return saved["paths"]
+        shutil.rmtree(folder)  # written for other settings: made again, never reused
+    paths = write_benchmark(folder, **settings | {"difficulty": difficulty})
+    write_atomic(marker, json.dumps({"settings": settings, "paths": paths}))
     return paths
 
 
@@ -134,7 +191,7 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     if connector == "qformer" and "num_queries" not in hyper:  # a fixed Q must still compress: P/4, as the pools do
         hyper = {**hyper, "num_queries": max(1, (resolution // _patch_size(config.vision)) ** 2 // 4)}
     base = build(run_dir / "base", vision=data["vision"], llm=config.llm, connector=connector, connector_args=hyper,
-                 image_size=resolution, seed=seed, llm_width=config.llm_width,
+                 image_size=resolution, seed=seed, llm_width=config.llm_width, llm_layers=config.llm_layers,
                  vision_width=config.vision_width if data["vision"] == config.vision else None)
     common = ["--per_device_train_batch_size", str(config.batch_size), "--seed", str(seed), "--report_to", "none",
               "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "10", "--warmup_steps", "10",
@@ -182,6 +239,30 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     }
 
 
+RUN_SETTINGS = ("vision", "llm", "vision_width", "llm_width", "llm_layers", "pretrain_encoder_steps", "align_steps", "finetune_steps",
+                "batch_size", "align_lr", "finetune_lr", "lora_r", "lora_alpha", "lm_full", "train_per_subtask",
+                "test_per_subtask", "benchmarks", "mapping")
+
+
+def run_fingerprint(job: dict) -> str:
+    """What one run's numbers depend on: its connector, size and seed, the study settings that reach it,
+    and the bytes of any data files it reads. A finished run is reused only under the same fingerprint."""
+    config = job["config"]
+    files = {k: path_digest(config[k]) for k in ("align_data", "finetune_data", "image_folder", "mapping") if config[k]}
+    benchmarks = {k: path_digest(v) for k, v in (config["benchmarks"] or {}).items()}
+    return settings_digest({"spec": list(job["spec"]), "resolution": job["resolution"], "seed": job["seed"],
+                            "settings": {k: config[k] for k in RUN_SETTINGS}, "files": files, "benchmarks": benchmarks,
+                            "version": RUN_FORMAT})
+
+
+def _finished_row(run_dir: Path, fingerprint: str) -> dict | None:
+    try:
+        row = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return row if row.get("fingerprint") == fingerprint else None
+
+
 def _run_job(job: dict) -> dict:
     """One run, in a worker process (or inline): its row, written to run.json, or its failure."""
     run_dir = Path(job["run_dir"])
@@ -190,8 +271,9 @@ def _run_job(job: dict) -> dict:
 
         torch.set_num_threads(job["threads"])
     try:
-        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run starts over
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run, or one made with other settings, starts over
         row = run_one(run_dir, *job["spec"], job["resolution"], job["seed"], StudyConfig(**job["config"]), job["data"])
+        row["fingerprint"] = job["fingerprint"]
     except Exception as error:  # noqa: BLE001 - reported, and the study goes on
         return {"failure": {"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
                             "traceback": traceback.format_exc(limit=3)}}
@@ -202,12 +284,15 @@ def _run_job(job: dict) -> dict:
     return {"row": row}
 
 
-def run_study(config: StudyConfig) -> dict:
+def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
+    """Every run of the grid (reusing those finished before with the same fingerprint), then results.json,
+    the report and the plots. `overwrite` lets the study write into a folder it did not make."""
     from cvlm.report import learnt, verdicts
 
-    root = Path(config.output)
+    check_settings(config)
+    root = check_output(config.output, overwrite)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "study_config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_atomic(root / "study_config.json", json.dumps(asdict(config), indent=2))
     specs = [parse_connector(c) for c in config.connectors]
     runs = [(spec, res, seed) for res in config.resolutions for spec in specs for seed in config.seeds]
     rows: dict[int, dict] = {}
@@ -215,11 +300,14 @@ def run_study(config: StudyConfig) -> dict:
     jobs: dict[int, dict] = {}
     for i, (spec, resolution, seed) in enumerate(runs):
         run_dir = root / "runs" / f"{spec[2]}-{resolution}px-seed{seed}"
-        if (run_dir / "run.json").exists():  # finished before: kept as it is
-            rows[i] = json.loads((run_dir / "run.json").read_text())
+        job = {"run_dir": str(run_dir), "spec": spec, "resolution": resolution, "seed": seed,
+               "config": asdict(config), "threads": None}
+        job["fingerprint"] = run_fingerprint(job)
+        finished = _finished_row(run_dir, job["fingerprint"])
+        if finished:  # finished before with the same settings: kept as it is
+            rows[i] = finished
             continue
-        jobs[i] = {"run_dir": str(run_dir), "spec": spec, "resolution": resolution, "seed": seed,
-                   "config": asdict(config), "threads": None}
+        jobs[i] = job
     data_by_resolution = {}
     for job in jobs.values():  # data and encoders first, once per resolution, with every core
         resolution = job["resolution"]
@@ -243,7 +331,8 @@ def run_study(config: StudyConfig) -> dict:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
         futures = {pool.submit(_run_job, {**job, "threads": threads}): i for i, job in jobs.items()}
         outcomes = ((futures[f], f.result()) for f in as_completed(futures))
     for i, outcome in outcomes:
@@ -284,7 +373,7 @@ def _baselines(root: Path, rows: list[dict]) -> dict:
     from cvlm.eval.synthetic import SUBTASKS
 
     best = max(rows, key=lambda r: statistics.fmean(v or 0 for v in r["scores"].values()))
-    paths = json.loads((root / "data" / f"synthetic-{best['resolution']}" / "paths.json").read_text())
+    paths = read_json(root / "data" / f"synthetic-{best['resolution']}" / "paths.json", "study data record")["paths"]
     questions, _ = load_benchmark("mmbench", paths["mmbench"])
     per_subtask: dict[str, list[float]] = {}
     for q in questions:
@@ -294,7 +383,7 @@ def _baselines(root: Path, rows: list[dict]) -> dict:
     if "mmbench_blind" not in paths:  # data written by an older version
         return {"chance": chance, "blind": None}
     blind = evaluate_model(best["checkpoint"], "mmbench", paths["mmbench_blind"], str(root / "blind" / name),
-                           mode="likelihood", mapping_file=paths["mapping"])
+                           mode="likelihood", mapping_file=paths["mapping"], overwrite=True)
     scores = {g: blind["granularity"][g]["macro"] for g in GRANULARITIES}
     return {"chance": chance, "blind": {"run": name, "scores": scores}}
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from cvlm.files import open_image, read_json, read_text
+from cvlm.modeling.image_conversion import to_rgb
+
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MME_INSTRUCTION = "Answer the question using a single word or phrase."
 LETTERS = "ABCDEFGHI"
+CIRCULAR_OFFSET = 1_000_000
 
 
 @dataclass
@@ -36,9 +39,8 @@ class Question:
         if self.image is None:
             return None
         if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB")
-        with Image.open(self.image) as handle:
-            return handle.convert("RGB")
+            return to_rgb(self.image)
+        return open_image(self.image, where=f"question {self.id}")
 
 
 def _table(path: str, split: str | None):
@@ -83,6 +85,13 @@ def _mme_prompt(question: str) -> str:
     return _mme_bare(question) + "\n" + MME_INSTRUCTION
 
 
+def _yes_no(raw, where: str) -> str:
+    answer = "" if _is_missing(raw) else str(raw).strip().rstrip(".").capitalize()
+    if answer not in ("Yes", "No"):
+        raise ValueError(f"{where}: answer {raw!r} is not Yes or No")
+    return answer
+
+
 def load_mme(path: str, split: str | None = None):
     """The original release folders (`<subtask>/questions_answers_YN/*.txt` + `images/`, or image and
     txt side by side) or the lmms-lab/MME `datasets` layout (question_id, image, question, answer,
@@ -98,7 +107,12 @@ def load_mme(path: str, split: str | None = None):
         if row.get("image") is None:
             problems.append(f"{qid}#{k}: no image")
             continue
-        questions.append(Question("mme", f"{qid}#{k}", row["image"], _mme_prompt(row["question"]), row["answer"],
+        try:
+            answer = _yes_no(row.get("answer"), f"{qid}#{k}")
+        except ValueError as error:
+            problems.append(str(error))
+            continue
+        questions.append(Question("mme", f"{qid}#{k}", row["image"], _mme_prompt(row["question"]), answer,
                                   ["Yes", "No"], {"question_id": qid, "category": row["category"]},
                                   _mme_bare(row["question"])))
     return questions, problems
@@ -113,76 +127,144 @@ def _load_mme_release(root: Path):
         for txt in sorted(qa_dir.glob("*.txt")):
             images = [p for p in image_dir.glob(txt.stem + ".*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
             qid = f"{subtask}/{txt.stem}"
-            lines = [line for line in txt.read_text().splitlines() if line.strip()]
+            lines = [line for line in read_text(txt, "MME question file").splitlines() if line.strip()]
             if not images:
                 problems.append(f"{qid}: image {txt.stem}.* not found in {image_dir}")
                 continue
             for k, line in enumerate(lines, 1):
                 question, _, answer = line.rpartition("\t")
+                try:
+                    answer = _yes_no(answer, f"{txt}, line {k}")
+                except ValueError as error:
+                    problems.append(f"{error} (a line is: question, a tab, Yes or No)")
+                    continue
                 questions.append(Question("mme", f"{qid}#{k}", str(images[0]), _mme_prompt(question.strip()),
-                                          answer.strip(), ["Yes", "No"], {"question_id": qid, "category": subtask},
+                                          answer, ["Yes", "No"], {"question_id": qid, "category": subtask},
                                           _mme_bare(question.strip())))
     return questions, problems
 
 
 # ---- MMBench ---------------------------------------------------------------------------------------------
+MMBENCH_COLUMNS = ("index", "question", "A", "B", "image")
+
+
+def _letter_answer(raw, choices: list[str], where: str) -> str:
+    """The reference letter, upper-cased; ValueError (naming the row) when it is not one of the options."""
+    answer = "" if _is_missing(raw) else str(raw).strip().upper()
+    letters = LETTERS[: len(choices)]
+    if answer not in letters or not answer:
+        raise ValueError(f"{where}: answer {raw!r} is not one of the options {', '.join(letters)}")
+    return answer
+
+
 def _mmbench_question(row: dict, image) -> Question:
     index = int(row["index"])
     choices = [str(row[letter]) for letter in "ABCD" if letter in row and not _is_missing(row[letter])]
     hint = "" if _is_missing(row.get("hint")) else str(row["hint"]).strip() + "\n"
     prompt = f"{hint}{row['question']}\n{_options_block(choices)}\n{MCQ_INSTRUCTION}"
     l2 = row.get("l2-category", row.get("L2-category", row.get("l2_category", "")))
-    return Question("mmbench", str(index), image, prompt, str(row.get("answer", "")).strip(), choices,
+    answer = _letter_answer(row.get("answer"), choices, f"row {index}")
+    return Question("mmbench", str(index), image, prompt, answer, choices,
                     {"index": index, "category": str(row.get("category", "")), "l2_category": str(l2)},
                     f"{hint}{row['question']}")
 
 
 def _decode_base64_image(data: str):
-    return Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB")
+    with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as handle:
+        handle.load()
+        return to_rgb(handle)
+
+
+def _check_columns(path: str, columns, required) -> None:
+    missing = [c for c in required if c not in columns]
+    if "answer" not in columns:
+        raise ValueError(f"{path} has no 'answer' column: this is a test split, whose answers are withheld, so "
+                         "nothing can be scored here. Score the dev split (e.g. MMBench_DEV_EN.tsv).")
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {', '.join(missing)} (it has: {', '.join(columns)}). "
+                         "Give the benchmark's own file.")
+
+
+def _without_broken_groups(rows: list[dict], images: dict, problems: list[str]) -> list[Question]:
+    """CircularEval needs every pass of a question: a question one of whose rows cannot be read (image or
+    answer) is dropped with all its circular copies, each named in `problems`."""
+    questions, broken = {}, set()
+    for row in rows:
+        index = int(row["index"])
+        group = index % CIRCULAR_OFFSET
+        if images.get(index) is None:
+            broken.add(group)
+            continue
+        try:
+            questions[index] = _mmbench_question(row, images[index])
+        except ValueError as error:
+            problems.append(str(error))
+            broken.add(group)
+    for index in sorted(i for i in questions if i % CIRCULAR_OFFSET in broken):
+        problems.append(f"{index}: dropped with its question {index % CIRCULAR_OFFSET}, one of whose circular passes "
+                        "could not be read")
+        del questions[index]
+    return list(questions.values())
 
 
 def load_mmbench(path: str, split: str | None = None):
     """The official TSV (base64 images; circular copies at index >= 1e6) or the lmms-lab/MMBench
     `datasets` layout."""
-    questions, problems = [], []
+    problems = []
     if path.endswith(".tsv"):
         import csv
 
         csv.field_size_limit(1 << 30)
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-        images = {}
-        for row in rows:  # circular copies may carry the original's index instead of an image
-            data = row.get("image", "")
-            index = int(row["index"])
-            if len(data) < 64 and data.strip().isdigit():
-                images[index] = images.get(int(data))
+        text = read_text(path, "--data")
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t"))
+        if not rows:
+            raise ValueError(f"{path} has no rows: an MMBench TSV has a header line and one row per question.")
+        _check_columns(path, list(rows[0]), MMBENCH_COLUMNS)
+        images, kept = {}, []
+        for number, row in enumerate(rows, 2):
+            try:
+                index = int(row["index"])
+            except (TypeError, ValueError):
+                problems.append(f"line {number}: index {row.get('index')!r} is not an integer")
+                continue
+            kept.append(row)
+            data = row.get("image") or ""
+            if len(data) < 64 and data.strip().isdigit():  # a circular copy may carry the original's index
+                images[index] = ("copy", int(data))
                 continue
             try:
                 images[index] = _decode_base64_image(data)
             except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
                 images[index] = None
-            if images[index] is None:
                 problems.append(f"{index}: the image is not valid base64 of an image file")
-        for row in rows:
-            index = int(row["index"])
-            if images.get(index) is not None:
-                questions.append(_mmbench_question(row, images[index]))
-        return questions, problems
-    for row in _table(path, split):
+        for index, image in list(images.items()):
+            if isinstance(image, tuple):
+                images[index] = images.get(image[1]) if not isinstance(images.get(image[1]), tuple) else None
+                if images[index] is None:
+                    problems.append(f"{index}: its image refers to row {image[1]}, which has no readable image")
+        return _without_broken_groups(kept, images, problems), problems
+    table = _table(path, split)
+    _check_columns(path, table.column_names, ("index", "question", "A", "B", "image"))
+    rows, images = [], {}
+    for row in table:
+        rows.append(row)
+        images[int(row["index"])] = row.get("image")
         if row.get("image") is None:
             problems.append(f"{row['index']}: no image")
-            continue
-        questions.append(_mmbench_question(row, row["image"]))
-    return questions, problems
+    return _without_broken_groups(rows, images, problems), problems
 
 
 # ---- SEED-Bench ------------------------------------------------------------------------------------------
 def _seed_question(row: dict, image) -> Question:
     choices = [str(row[f"choice_{x}"]) for x in "abcd"]
     prompt = f"{row['question']}\n{_options_block(choices)}\n{MCQ_INSTRUCTION}"
-    return Question("seed_bench", str(row["question_id"]), image, prompt, str(row["answer"]).strip(), choices,
+    answer = _letter_answer(row.get("answer"), choices, f"question {row['question_id']}")
+    return Question("seed_bench", str(row["question_id"]), image, prompt, answer, choices,
                     {"question_type_id": int(row["question_type_id"])}, str(row["question"]))
+
+
+SEED_FIELDS = ("question_id", "question", "choice_a", "choice_b", "choice_c", "choice_d", "answer", "question_type_id",
+               "data_id")
 
 
 def load_seed_bench(path: str, image_folder: str | None = None, split: str | None = None):
@@ -190,16 +272,26 @@ def load_seed_bench(path: str, image_folder: str | None = None, split: str | Non
     `datasets` layout. Image questions only (data_type == "image")."""
     questions, problems = [], []
     if path.endswith(".json"):
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "--data")
         folder = Path(image_folder) if image_folder else Path(path).parent
-        for row in data["questions"] if isinstance(data, dict) else data:
-            if row.get("data_type", "image") != "image":
+        rows = data.get("questions") if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} is not SEED-Bench's JSON: it needs a 'questions' list.")
+        for number, row in enumerate(rows):
+            if not isinstance(row, dict) or row.get("data_type", "image") != "image":
+                continue
+            missing = [k for k in SEED_FIELDS if k not in row]
+            if missing:
+                problems.append(f"question #{number} ({row.get('question_id', 'no id')}): no {', '.join(missing)}")
                 continue
             image = folder / str(row["data_id"])
             if not image.exists():
                 problems.append(f"{row['question_id']}: image {image} not found (check --image-folder)")
                 continue
-            questions.append(_seed_question(row, str(image)))
+            try:
+                questions.append(_seed_question(row, str(image)))
+            except ValueError as error:
+                problems.append(str(error))
         return questions, problems
     for row in _table(path, split):
         if row.get("data_type", "image") != "image":
@@ -209,7 +301,10 @@ def load_seed_bench(path: str, image_folder: str | None = None, split: str | Non
         if image is None:
             problems.append(f"{row['question_id']}: no image")
             continue
-        questions.append(_seed_question(row, image))
+        try:
+            questions.append(_seed_question(row, image))
+        except ValueError as error:
+            problems.append(str(error))
     return questions, problems
 
 
@@ -219,8 +314,12 @@ LOADERS = {"mme": load_mme, "mmbench": load_mmbench, "seed_bench": load_seed_ben
 def load_benchmark(benchmark: str, path: str, image_folder: str | None = None, split: str | None = None):
     if benchmark not in LOADERS:
         raise ValueError(f"--benchmark {benchmark!r} is unknown. Allowed values: {', '.join(LOADERS)}.")
-    if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(f"{path} does not exist here, and HF_HUB_OFFLINE=1 forbids reading it from the Hub.")
+    if not os.path.exists(path):
+        if path.startswith((".", "/", "~")) or path.endswith((".tsv", ".json", ".parquet")) or path.count("/") > 1:
+            raise FileNotFoundError(f"--data {path} does not exist. Give the benchmark's file or folder, or a Hub "
+                                    "dataset id (org/name).")
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"{path} does not exist here, and HF_HUB_OFFLINE=1 forbids reading it from the Hub.")
     if benchmark == "seed_bench":
         return load_seed_bench(path, image_folder=image_folder, split=split)
     return LOADERS[benchmark](path, split=split)

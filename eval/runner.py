@@ -20,11 +20,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
+from cvlm.files import check_output, model_digest, path_digest, read_json, write_atomic
+
 from .loaders import LETTERS, Question, load_benchmark
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 MAPPING_FILE = Path(__file__).parent / "granularity_mapping.json"
 MODES = ("generate", "likelihood")
+FINGERPRINT = "eval_fingerprint.json"  # what the predictions in an output folder came from
 
 
 def load_metric(name: str):
@@ -155,20 +158,92 @@ def score(benchmark: str, rows: list[dict], metric=None, mapping_file: str | Pat
     return {"metrics": result, "granularity": granularity}
 
 
-def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit: int | None = None,
-                   batch_size: int = 8, mode: str = "generate", max_new_tokens: int = 16,
-                   image_folder: str | None = None, mapping_file: str | None = None, dtype: str = "float32") -> dict | None:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+def _check_settings(limit, batch_size, max_new_tokens, mode) -> None:
     if mode not in MODES:
         raise ValueError(f"--mode {mode!r} is invalid. Allowed values: {', '.join(MODES)}.")
+    for flag, value in (("--limit", limit), ("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{flag} {value!r} is invalid: use a whole number of at least 1.")
+
+
+def subtask_of(question: Question) -> str:
+    """The subtask a question is scored under, as the granularity mapping names it."""
+    if question.benchmark == "seed_bench":
+        dimensions = sys.modules[type(load_metric("seed_bench")).__module__].DIMENSIONS
+        qtype = question.fields["question_type_id"]
+        return dimensions.get(qtype, f"dimension {qtype}")
+    return question.fields["category"]
+
+
+def check_mapping(mapping_file: str | Path, benchmark: str, questions: list[Question]) -> None:
+    """The granularity mapping, read and checked before any inference: its layout, its granularities, and
+    that it covers every subtask of the questions."""
+    from .metrics.granularity.granularity import GRANULARITIES
+
+    mapping = read_json(mapping_file, "--mapping")
+    table = mapping.get("mapping") if isinstance(mapping, dict) else None
+    if not isinstance(table, dict) or not isinstance(table.get(benchmark, {}), dict):
+        raise ValueError(f"--mapping {mapping_file} is not a granularity mapping: it needs "
+                         f'{{"mapping": {{"{benchmark}": {{"subtask": "coarse" | "fine" | "reasoning"}}}}}}.')
+    ours = table.get(benchmark, {})
+    wrong = {k: v for k, v in ours.items() if v not in GRANULARITIES}
+    if wrong:
+        k, v = next(iter(wrong.items()))
+        raise ValueError(f"--mapping {mapping_file}: {benchmark}/{k} maps to {v!r}. Allowed values: "
+                         f"{', '.join(GRANULARITIES)}.")
+    unmapped = sorted({subtask_of(q) for q in questions} - set(ours))
+    if unmapped:
+        raise ValueError(f"--mapping {mapping_file} has no granularity for {benchmark} subtask(s) "
+                         f"{', '.join(unmapped[:8])}{' ...' if len(unmapped) > 8 else ''}: add them to the mapping.")
+
+
+def _fingerprint(model_id, benchmark, data, image_folder, mode, max_new_tokens, batch_size, dtype) -> dict:
+    """What the predictions depend on: the checkpoint's files, the data's bytes and the settings."""
+    return {"model": model_digest(model_id), "data": path_digest(data), "image_folder": image_folder and
+            path_digest(image_folder), "benchmark": benchmark, "mode": mode, "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "dtype": dtype}
+
+
+def _claim_output(out: Path, fingerprint: dict, overwrite: bool, rank: int) -> None:
+    """Predictions in `out` are resumed only when they came from the same model, data and settings;
+    otherwise they are refused, or with `overwrite` deleted (only the files this runner writes)."""
+    check_output(out, overwrite)
+    record = out / FINGERPRINT
+    theirs = read_json(record, "eval fingerprint") if record.exists() else None
+    has_predictions = any(out.glob("predictions*.jsonl"))
+    if theirs == fingerprint or rank != 0:
+        return
+    if has_predictions and not overwrite:
+        changed = ", ".join(k for k in fingerprint if (theirs or {}).get(k) != fingerprint[k]) if theirs else "unknown origin"
+        raise ValueError(f"--output {out} holds predictions of another run ({changed} differ), which would be "
+                         "reused. Pick another --output, or pass --overwrite to answer every question again.")
+    for stale in [*out.glob("predictions*.jsonl"), out / "results.json", out / "results.md"]:
+        stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, json.dumps(fingerprint, indent=2) + "\n")
+
+
+def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit: int | None = None,
+                   batch_size: int = 8, mode: str = "generate", max_new_tokens: int = 16,
+                   image_folder: str | None = None, mapping_file: str | None = None, dtype: str = "float32",
+                   overwrite: bool = False, trust_remote_code: bool = False) -> dict | None:
+    from cvlm.loading import load_checkpoint
+
+    _check_settings(limit, batch_size, max_new_tokens, mode)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {dtype!r} is invalid. Allowed values: float32, bfloat16, float16.")
     rank, world = _distributed()
     out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     questions, problems = load_benchmark(benchmark, data, image_folder=image_folder)
     questions = questions[:limit] if limit else questions
     if not questions:
-        raise ValueError(f"{data} gave no readable {benchmark} question ({len(problems)} unreadable rows).")
+        raise ValueError(f"{data} gave no readable {benchmark} question ({len(problems)} unreadable rows"
+                         + (f"; first: {problems[0]}" if problems else "") + ").")
+    check_mapping(mapping_file or MAPPING_FILE, benchmark, questions)
+    _claim_output(out, _fingerprint(model_id, benchmark, data, image_folder, mode, max_new_tokens, batch_size, dtype),
+                  overwrite, rank)
+    if world > 1:
+        torch.distributed.barrier()
     metric = load_metric(benchmark)
     done = _read_predictions(out)
     mine = [q for i, q in enumerate(questions) if i % world == rank]
@@ -178,15 +253,14 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     batches = [b for b in batches if b]
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True,
-                                                        dtype=getattr(torch, dtype)).to(device).eval()
-    processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+    model, processor = load_checkpoint(model_id, trust_remote_code, dtype=getattr(torch, dtype))
+    model = model.to(device)
     processor.tokenizer.padding_side = "left"  # batches end where generation starts, whatever the checkpoint says
     answer = _answer_generate if mode == "generate" else _answer_likelihood
     path = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
     if path.exists():  # drop a line an interruption cut short, so that appended lines stay whole
         kept = [line for line in path.read_text().splitlines() if _parses(line)]
-        _write_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
     with open(path, "a") as handle, tqdm(total=sum(map(len, batches)), desc=f"{benchmark} ({mode})",
                                          disable=rank != 0) as bar:
         for batch in batches:
@@ -229,21 +303,15 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
             "batch_size": batch_size,
         },
     }
-    _write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    _write_atomic(out / "results.md", markdown(results))
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.md", markdown(results))
     if (Path(model_id) / "config.json").exists():  # a local checkpoint: its card shows the new results
         from cvlm.model_cards.card import EVAL_DIR, write_card
 
         (Path(model_id) / EVAL_DIR).mkdir(exist_ok=True)
-        _write_atomic(Path(model_id) / EVAL_DIR / f"{benchmark}.json", json.dumps(results, indent=2) + "\n")
+        write_atomic(Path(model_id) / EVAL_DIR / f"{benchmark}.json", json.dumps(results, indent=2) + "\n")
         write_card(model_id)
     return results
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _pct(value) -> str:

@@ -152,8 +152,20 @@ def _backbone_name(spec: str | None, sub_config: dict) -> str:
 
 def write_card(folder: str | os.PathLike, repo_id: str | None = None, title: str | None = None) -> Path:
     """(Re)writes README.md in a checkpoint folder from its recorded facts."""
+    from cvlm.files import MODEL_TYPE, read_json
+    from cvlm.loading import outside_references
+
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: `cvlm card` writes the card of a checkpoint folder.")
+    config = read_json(folder / "config.json", "checkpoint config")
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{folder} is not a connector-vlm checkpoint (model_type "
+                         f"{config.get('model_type') if isinstance(config, dict) else None!r}); its card is not ours to write.")
+    outside = outside_references(folder)
+    if outside:
+        raise ValueError(f"{folder}: auto_map entries point outside the checkpoint ({'; '.join(outside)}), so loading "
+                         "it would run code it does not carry. Rebuild it with cvlm build or cvlm train.")
     facts_path, build_path = folder / "cvlm_training.json", folder / BUILD_FACTS
     facts = json.loads(facts_path.read_text()) if facts_path.exists() else None
     built = json.loads(build_path.read_text()) if build_path.exists() else {}

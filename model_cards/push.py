@@ -20,6 +20,8 @@ from pathlib import Path
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
 
+from cvlm.loading import outside_references
+
 try:  # huggingface_hub 2.x talks through httpx2; its transport errors mean "no network"
     from httpx2 import TransportError as NetworkError
 except ImportError:  # pragma: no cover - older huggingface_hub
@@ -75,8 +77,24 @@ print("loads:", type(model).__name__, "Q =", config.num_image_tokens)
 """
 
 
-def check_loads(folder: Path) -> str:
-    """Loads the folder through the Auto classes in a fresh, offline process without this project."""
+def foreign_code(folder: Path) -> list[str]:
+    """The folder's Python files that are not byte-for-byte this project's own modeling code: the
+    load check would run them, so they need --trust-remote-code."""
+    import cvlm.modeling
+
+    ours = Path(cvlm.modeling.__file__).parent
+    return sorted(p.name for p in folder.glob("*.py")
+                  if not (ours / p.name).is_file() or (ours / p.name).read_bytes() != p.read_bytes())
+
+
+def check_loads(folder: Path, trust_remote_code: bool = False) -> str:
+    """Loads the folder through the Auto classes in a fresh, offline process without this project. That
+    runs the folder's code: only this project's own modeling files, unless `trust_remote_code`."""
+    foreign = foreign_code(folder)
+    if foreign and not trust_remote_code:
+        raise PushError(f"{folder} carries code that is not connector-vlm's own ({', '.join(foreign)}); the load check "
+                        "would run it. Read it, then pass --trust-remote-code, or rewrite the folder with cvlm train / "
+                        "cvlm build.")
     with tempfile.TemporaryDirectory() as modules:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": modules, "PYTHONPATH": ""}
         result = subprocess.run([sys.executable, "-c", _LOAD_CHECK, str(Path(folder).resolve())], cwd=modules, env=env,
@@ -133,6 +151,10 @@ def plan(folder: str | os.PathLike, adapter: bool = False, base_model: str | Non
         raise PushError(f"{folder} is not a folder.")
     if adapter:
         folder = _stage_adapter(folder, base_model)
+    outside = outside_references(folder)
+    if outside:
+        raise PushError(f"{folder}: auto_map entries point outside the checkpoint ({'; '.join(outside)}); whoever "
+                        "loads it would run code it does not carry. Rebuild it with cvlm build or cvlm train.")
     missing = missing_files(folder, adapter)
     if missing:
         raise PushError(f"{folder} is not complete, so it is not pushed. Missing: {', '.join(missing)}. "
@@ -147,14 +169,15 @@ def plan(folder: str | os.PathLike, adapter: bool = False, base_model: str | Non
 
 def push(folder: str | os.PathLike, repo_id: str, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, dry_run: bool = False, adapter: bool = False,
-         base_model: str | None = None, force: bool = False, api: HfApi | None = None) -> dict:
+         base_model: str | None = None, force: bool = False, api: HfApi | None = None,
+         trust_remote_code: bool = False) -> dict:
     """Checks, then creates the repo (if needed) and uploads the folder in one commit."""
     upload_dir, files = plan(folder, adapter=adapter, base_model=base_model)
     card = ModelCard.load(upload_dir / "README.md")
     report = {"repo_id": repo_id, "folder": str(upload_dir), "files": files,
               "total_bytes": sum(size for _, size in files), "card_metadata": card.data.to_dict()}
     if not adapter:
-        report["load_check"] = check_loads(upload_dir)
+        report["load_check"] = check_loads(upload_dir, trust_remote_code)
     if dry_run:
         return report
     api = api or HfApi()

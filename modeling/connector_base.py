@@ -15,6 +15,10 @@ from transformers.activations import ACT2FN
 
 CONNECTORS: dict[str, type["Connector"]] = {}
 FAMILIES = ("preserving", "compressing")
+# Upper bounds of integer hyper-parameters, far above any published connector: a typo such as
+# depth=100000000 fails at once instead of building modules for hours.
+HYPER_LIMITS = {"depth": 64, "mlp_depth": 64, "num_layers": 64, "num_experts": 256, "top_k": 256, "num_queries": 16384,
+                "hidden_size": 65536, "num_heads": 1024, "rank": 65536, "groups": 1024, "stride": 4096, "scale": 64}
 
 
 def register_connector(name: str):
@@ -76,6 +80,10 @@ class Connector(nn.Module):
                 f"does not take. Allowed hyper-parameters of {cls.name!r}: {allowed}."
             )
         resolved = {**cls.defaults, **hyper}
+        for key, limit in HYPER_LIMITS.items():
+            value = resolved.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > limit:
+                raise ValueError(f"connector_config {key}={value!r} is invalid for {cls.name!r}: use at most {limit}.")
         cls.check_hyper(resolved)
         return resolved
 

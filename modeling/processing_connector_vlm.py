@@ -8,8 +8,10 @@ the same count when it writes the image features into those positions.
 from __future__ import annotations
 
 from transformers import ProcessorMixin
-from transformers.image_utils import make_flat_list_of_images
+from transformers.image_utils import is_pil_image, make_flat_list_of_images
 from transformers.processing_utils import MultiModalData
+
+from .image_conversion import to_rgb
 
 
 class ConnectorVLMProcessor(ProcessorMixin):
@@ -36,6 +38,13 @@ class ConnectorVLMProcessor(ProcessorMixin):
                 "embeddings (cvlm build does both)."
             )
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    to_rgb = staticmethod(to_rgb)  # the one image conversion of the family, for callers that open files themselves
+
+    def __call__(self, images=None, text=None, **kwargs):
+        """As ProcessorMixin, with every PIL image made RGB by `to_rgb` first (16-bit, alpha, palette and
+        CMYK pictures handled the same way on every path)."""
+        return super().__call__(images=_rgb_images(images), text=text, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.num_image_tokens
@@ -80,6 +89,14 @@ class ConnectorVLMProcessor(ProcessorMixin):
                         "pass images as one list per sample to see which sample differs."
                     )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+
+def _rgb_images(images):
+    if is_pil_image(images):
+        return to_rgb(images)
+    if isinstance(images, (list, tuple)):
+        return [_rgb_images(image) for image in images]
+    return images
 
 
 __all__ = ["ConnectorVLMProcessor"]

@@ -121,8 +121,8 @@ def test_lm_tokenizer_without_image_token_gets_one(tmp_path):
 def test_saved_folder_is_complete_and_overwritten_atomically(built, tmp_path):
     model, processor = built()
     target = tmp_path / "ckpt"
-    target.mkdir()
-    (target / "stale.txt").write_text("from an older build")
+    save_checkpoint(model, processor, target)
+    (target / "stale.txt").write_text("from an older build")  # a folder this project wrote is replaced whole
     save_checkpoint(model, processor, target)
     files = {p.name for p in target.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "processor_config.json",

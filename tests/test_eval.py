@@ -4,6 +4,7 @@ runner end to end with resume, likelihood ranking and two processes."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -216,6 +217,7 @@ def test_an_interrupted_run_resumes_without_asking_finished_questions(files, tin
     straight = evaluate_model(tiny, benchmark, path, str(tmp_path / "straight"), batch_size=2, max_new_tokens=4)
     out = tmp_path / "resumed"
     out.mkdir()
+    shutil.copy(tmp_path / "straight" / "eval_fingerprint.json", out)  # what the interrupted run had recorded
     lines = (tmp_path / "straight" / "predictions.jsonl").read_text().splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # killed mid-line
     asked = []

@@ -165,3 +165,29 @@ def test_a_variant_that_reaches_the_time_limit_says_so(served, monkeypatch):
     *_, (text, costs) = list(app.answer_stream(variants[0], image, "What colour?"))
     assert costs["stopped_at_time_limit"] is True
     assert text.endswith("[stopped: this variant reached the 0 s time limit]")
+
+
+def test_a_path_of_the_servers_own_files_is_refused(served, tmp_path):
+    """Only files gradio received reach the app: a file dict naming a file on the server (no FileData
+    marker, so gradio does not upload or move it) gets no answer about it, and the app still works."""
+    from gradio_client.exceptions import AppError
+
+    app, variants, client, _, _ = served
+    secret = tmp_path / "server-secret.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(secret)
+    with pytest.raises(AppError) as info:
+        client.predict({"path": str(secret)}, "What colour is the background?", api_name="/compare")
+    assert "Upload the image through this page (or pick an example); other paths are not read." in str(info.value)
+    for sneaky in (str(secret), f"{app.gr.utils.get_upload_folder()}/../../{secret.relative_to('/')}"):
+        with pytest.raises(app.gr.Error):
+            app.received_path({"path": sneaky}, str(tmp_path / "cache"))
+    check_answers(ask(client, EXAMPLES / "coffee.jpg", "What is in the cup?"), variants)
+
+
+def test_the_app_binds_this_machine_only_unless_it_runs_on_a_space(served, monkeypatch):
+    app = served[0]
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.server_name() == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "org/arena")
+    assert app.server_name() == "0.0.0.0"

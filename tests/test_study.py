@@ -112,3 +112,26 @@ def test_loss_curves_can_fall_by_decades_on_a_log_axis(tmp_path):
     log = line_plot(steps, losses, tmp_path / "log.png", y_label="loss", log_y=True)
     assert Image.open(log).size == Image.open(linear).size == (720, 440)
     assert Image.open(log).tobytes() != Image.open(linear).tobytes()
+
+
+def test_a_rerun_with_other_settings_redoes_the_runs_and_the_data_it_changed(study):
+    root, _ = study
+    run_json = root / "runs" / "mlp-32px-seed0" / "run.json"
+    old = json.loads(run_json.read_text())
+    changed = quick(root, connectors=("mlp",))
+    changed.finetune_steps, changed.train_per_subtask = 13, 5
+    again = run_study(changed)
+    new = json.loads(run_json.read_text())
+    assert new["fingerprint"] != old["fingerprint"] and new["losses"]["finetune"][-1][0] == 13
+    assert again["runs"][0]["fingerprint"] == new["fingerprint"] and again["config"]["finetune_steps"] == 13
+    saved = json.loads((root / "data" / "synthetic-32" / "paths.json").read_text())
+    assert saved["settings"]["train_per_subtask"] == 5
+    records = json.loads((root / "data" / "synthetic-32" / "train" / "data.json").read_text())
+    assert len(records) == 5 * len({r["id"].rsplit("-", 1)[0] for r in records})
+
+
+def test_a_study_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files this tool did not write"):
+        run_study(quick(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

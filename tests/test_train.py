@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cvlm.build import build
+from cvlm.cli import main as cli_main
 from cvlm.trainers.data import IGNORE_INDEX, Collator, read_records, tokenize, tokenize_all
 from cvlm.trainers.train import last_complete_checkpoint, lora_targets
 from cvlm.trainers.train import main as train_main
@@ -165,8 +166,8 @@ def _bad(records_or_text, tmp_path, extra=(), model=None, capsys=None, workdir=N
     root, _ = workdir
     path = tmp_path / "bad.json"
     path.write_text(records_or_text if isinstance(records_or_text, str) else json.dumps(records_or_text))
-    code = train_main(["--model", str(model or root / "base"), "--data", str(path), "--output_dir",
-                       str(tmp_path / "out"), "--max_steps", "1", *COMMON, *extra])
+    code = cli_main(["train", "--model", str(model or root / "base"), "--data", str(path), "--output_dir",
+                     str(tmp_path / "out"), "--max_steps", "1", *COMMON, *extra])
     assert code == 2
     return capsys.readouterr().err.strip().splitlines()[-1]
 
@@ -206,11 +207,11 @@ def test_bad_setups_are_refused(workdir, stage1, tmp_path, capsys):
     assert err.startswith("cvlm train: error: --lora_target 'qkv' matches no linear layer of the LM.")
     other = tmp_path / "other"
     build(other, vision="tiny-siglip", llm="tiny-qwen2", connector="qformer")
-    code = train_main(["--model", str(root / "base"), "--data", data, "--output_dir", str(other), *COMMON])
+    code = cli_main(["train", "--model", str(root / "base"), "--data", data, "--output_dir", str(other), *COMMON])
     assert code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"cvlm train: error: --output_dir {other} holds a different model (connector_vlm/qformer); training would "
-        "mix the two. Pick another --output_dir, or delete that folder."
+        "mix the two. Pick another --output_dir, or pass --overwrite to write over it."
     )
 
 
@@ -268,25 +269,29 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_an_interruption_ends_equal_to_an_uninterrupted_run(workdir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lost", [None, "optimizer.pt", "scheduler.pt"])
+def test_resume_after_an_interruption_ends_equal_to_an_uninterrupted_run(workdir, tmp_path, monkeypatch, lost):
+    """Killed at step 5 (checkpoints at 2 and 4): the resume continues from the newest checkpoint that holds
+    everything an exact resume reads; one that lost a file is passed over, never resumed with a fresh
+    optimizer or schedule. The weights end equal to an uninterrupted run's either way."""
     from transformers import TrainerCallback
 
     import cvlm.trainers.train as train_module
 
     root, data = workdir
     run = ["--model", str(root / "base"), "--data", data, "--stage", "align", "--max_steps", "6", "--learning_rate",
-           "1e-2", *COMMON[:-6], "--save_steps", "3", "--seed", "0", "--report_to", "none", "--disable_tqdm", "true"]
+           "1e-2", *COMMON[:-6], "--save_steps", "2", "--seed", "0", "--report_to", "none", "--disable_tqdm", "true"]
     assert train_main([*run, "--output_dir", str(tmp_path / "straight")]) == 0
 
-    class CrashAtStep4(TrainerCallback):
+    class CrashAtStep5(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 4:
+            if state.global_step == 5:
                 raise _Crash()
 
     original = train_module.ConnectorTrainer.__init__
 
     def with_crash(self, *args, **kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), CrashAtStep4()]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), CrashAtStep5()]
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(train_module.ConnectorTrainer, "__init__", with_crash)
@@ -296,12 +301,27 @@ def test_resume_after_an_interruption_ends_equal_to_an_uninterrupted_run(workdir
     half = tmp_path / "resumed" / "checkpoint-6"  # a save killed halfway: no trainer_state.json
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
-    assert last_complete_checkpoint(str(tmp_path / "resumed")).endswith("checkpoint-3")
+    if lost:
+        (tmp_path / "resumed" / "checkpoint-4" / lost).unlink()
+    expected = "checkpoint-2" if lost else "checkpoint-4"
+    assert last_complete_checkpoint(str(tmp_path / "resumed")).endswith(expected)
     assert train_main([*run, "--output_dir", str(tmp_path / "resumed"), "--resume", "true"]) == 0
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "resumed" / "model.safetensors")
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-6)
+
+
+def test_resume_refuses_another_runs_checkpoints(workdir, tmp_path):
+    root, data = workdir
+    run = ["--model", str(root / "base"), "--data", data, "--stage", "align", "--max_steps", "2", *COMMON[:-6],
+           "--save_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(tmp_path / "out")]
+    assert train_main([*run, "--learning_rate", "1e-2"]) == 0
+    with pytest.raises(ValueError, match=r"holds checkpoints of another run \(settings differ\); resuming there would "
+                                         r"mix the two. Pick another --output_dir, or pass --overwrite"):
+        train_main([*run, "--learning_rate", "5e-3", "--resume", "true"])
+    assert train_main([*run, "--learning_rate", "5e-3", "--resume", "true", "--overwrite", "true"]) == 0
+    assert json.loads((tmp_path / "out" / "cvlm_run.json").read_text())["settings"]["learning_rate"] == 5e-3
 
 
 # ---- datasets input and two processes ----------------------------------------------------------------------

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from cvlm.files import open_image, read_json, read_jsonl, read_text
+from cvlm.modeling.image_conversion import to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -40,18 +43,26 @@ def read_records(path: str, image_folder: str | None = None, image_column: str =
     """Records from a LLaVA JSON/JSONL file, a `datasets` folder or Hub id (with an image column
     and a conversations column). JSON image paths are resolved against `image_folder` (default: the
     file's folder); a `datasets` Image column gives PIL images, kept in memory."""
+    if not os.path.exists(path) and (path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~"))):
+        raise DataError(f"--data {path} does not exist.")
     if os.path.isfile(path) and path.endswith((".json", ".jsonl")):
-        text = Path(path).read_text()
-        if not text.strip():
+        if not read_text(path, "--data").strip():
             raise DataError(f"{path} is empty: a LLaVA data file is a JSON list of records with 'conversations'.")
-        records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.endswith(".jsonl") \
-            else json.loads(text)
+        records = read_jsonl(path, "--data") if path.endswith(".jsonl") else read_json(path, "--data")
         if isinstance(records, dict):
             records = [records]
-        if not records:
+        if not isinstance(records, list) or not records:
             raise DataError(f"{path} holds no records: a LLaVA data file is a JSON list of records with 'conversations'.")
         base = Path(image_folder) if image_folder else Path(path).parent
+        if image_folder and not base.is_dir():
+            raise DataError(f"--image_folder {image_folder} is not a folder.")
         for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: record #{i} is a {type(record).__name__}, not an object with 'conversations'.")
+            if not isinstance(record.get("image", []), (str, list)) or (
+                    isinstance(record.get("image"), list) and not all(isinstance(p, str) for p in record["image"])):
+                raise DataError(f"{path}: record {record.get('id', i)!r} has an 'image' that is neither a path nor a "
+                                "list of paths.")
             record.setdefault("id", str(i))
             images = record.get("image")
             if images:
@@ -96,6 +107,9 @@ def to_messages(record: dict) -> list[dict]:
         raise DataError(f"Record {rid!r} has no 'conversations' list: each record needs human and gpt turns.")
     messages = []
     for turn in conversations:
+        if not isinstance(turn, dict):
+            raise DataError(f"Record {rid!r} has a turn that is not an object: each turn is "
+                            '{"from": "human" | "gpt", "value": "..."}.')
         role = ROLES.get(turn.get("from", turn.get("role")))
         if role is None:
             raise DataError(
@@ -122,10 +136,9 @@ def check_images(record: dict, image_token: str) -> list:
         if not os.path.exists(image):
             raise DataError(f"Record {rid!r}: image file {image} does not exist. Check --image_folder.")
         try:
-            with Image.open(image) as handle:
-                handle.verify()
-        except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"Record {rid!r}: image file {image} is not a readable image ({error}).") from None
+            open_image(image)  # decoded in full: a truncated file fails here, not at some training step
+        except ValueError as error:
+            raise DataError(f"Record {rid!r}: {error}") from None
     return images
 
 
@@ -204,10 +217,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 
 def load_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    with Image.open(image) as handle:
-        return handle.convert("RGB")
+    """A record's image as the processor gets it (the family's one conversion, `to_rgb`)."""
+    return to_rgb(image) if isinstance(image, Image.Image) else open_image(image)
 
 
 class Collator:

@@ -25,8 +25,10 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from cvlm.build import AUTO_MAP, save_checkpoint
+from cvlm.files import MODEL_TYPE, check_output, model_digest, path_digest, read_json, write_atomic
+from cvlm.loading import check_weights, load_processor, read_config
 from cvlm.model_cards.card import BUILD_FACTS, write_card
-from cvlm.modeling import ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
+from cvlm.modeling import ConnectorVLMForConditionalGeneration
 
 from .data import Collator, SupervisedDataset, read_records, tokenize_all
 from .feature_cache import FeatureCache
@@ -34,6 +36,7 @@ from .feature_cache import FeatureCache
 logger = logging.getLogger(__name__)
 
 TRAINING_FACTS = "cvlm_training.json"
+RUN_FINGERPRINT = "cvlm_run.json"  # written when a run starts: what its checkpoints came from
 STAGES = ("align", "finetune")
 
 
@@ -45,6 +48,8 @@ class ModelArguments:
     connector_lr: float | None = field(default=None, metadata={"help": "learning rate of the connector (default: --learning_rate)"})
     allow_unaligned: bool = field(default=False, metadata={"help": "finetune a model that has not been through --stage align"})
     save_adapter: bool = field(default=False, metadata={"help": "finetune: keep the LoRA adapter in adapter/ as well as merging it"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "write into an --output_dir that holds files this tool did not write, or another run's checkpoints"})
 
 
 @dataclass
@@ -67,8 +72,13 @@ class LoraArguments:
         "help": "regex searched in the LM's linear layer names (e.g. 'q_proj|v_proj'); all-linear = every one"})
 
 
+class _Parser(HfArgumentParser):
+    def error(self, message):  # one line, not the usage of every TrainingArguments flag
+        self.exit(2, f"cvlm train: error: {message} (see `cvlm train --help`)\n")
+
+
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
     argv = [_underscored(a) for a in argv]  # --lora-r and --lora_r both work
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
@@ -193,29 +203,70 @@ class LogEndsCallback(TrainerCallback):
             control.should_log = True
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N whose trainer_state.json (written last) parses and says step N: a
-    save interrupted halfway is never resumed from."""
-    best = None
-    for path in Path(output_dir).glob("checkpoint-*"):
+CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # what an exact resume reads
+
+
+def checkpoint_gaps(path: Path) -> list[str]:
+    """What a Trainer checkpoint lacks for an exact resume: missing or empty files, a trainer_state.json
+    that does not parse or names another step, weights that do not open."""
+    gaps = [n for n in CHECKPOINT_FILES if not (path / n).is_file() or (path / n).stat().st_size == 0]
+    if not list(path.glob("rng_state*.pth")):
+        gaps.append("rng_state.pth")
+    weights = [w for w in ("model.safetensors", "adapter_model.safetensors") if (path / w).is_file()]
+    if not weights:
+        gaps.append("model.safetensors")
+    else:
         try:
-            step = int(path.name.split("-")[1])
-            state = json.loads((path / "trainer_state.json").read_text())
-            if state["global_step"] != step:
-                continue
-        except (ValueError, OSError, KeyError, json.JSONDecodeError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, str(path))
-    return best[1] if best else None
+            check_weights_file(path / weights[0])
+        except ValueError:
+            gaps.append(f"{weights[0]} (unreadable)")
+    if "trainer_state.json" not in gaps:
+        try:
+            if json.loads((path / "trainer_state.json").read_text())["global_step"] != int(path.name.split("-")[1]):
+                gaps.append("trainer_state.json (another step)")
+        except (ValueError, KeyError, TypeError, OSError):
+            gaps.append("trainer_state.json (unreadable)")
+    return gaps
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N that holds everything an exact resume needs (see `checkpoint_gaps`): a save
+    interrupted halfway, or a checkpoint that lost a file, is passed over with a warning."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        suffix = path.name.split("-", 1)[1]
+        if suffix.isdigit():
+            found.append((int(suffix), path))
+    for _, path in sorted(found, reverse=True):
+        gaps = checkpoint_gaps(path)
+        if not gaps:
+            return str(path)
+        logger.warning("--resume: %s is incomplete (%s); looking at an older checkpoint.", path, ", ".join(gaps))
+    return None
+
+
+def check_weights_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own type
+        raise ValueError(f"{path} cannot be read ({error})") from None
 
 
 # ---- checks before any work ----------------------------------------------------------------------
 def check_model_folder(model_args: ModelArguments) -> dict | None:
-    facts_path = Path(model_args.model) / TRAINING_FACTS
-    facts = json.loads(facts_path.read_text()) if facts_path.exists() else None
     if model_args.stage not in STAGES:
         raise ValueError(f"--stage {model_args.stage!r} is invalid. Allowed values: {', '.join(STAGES)}.")
+    config = read_config(model_args.model)
+    if config.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"--model {model_args.model} is a {config.get('model_type')!r} checkpoint, not connector-vlm: "
+                         "build one with `cvlm build` (or `cvlm convert from-llava`) first.")
+    if Path(model_args.model).is_dir():
+        check_weights(model_args.model)
+    facts_path = Path(model_args.model) / TRAINING_FACTS
+    facts = read_json(facts_path, "training facts") if facts_path.exists() else None
     if model_args.stage == "finetune" and not model_args.allow_unaligned and not (facts and facts.get("stage") == "align"):
         raise ValueError(
             f"--model {model_args.model} is not a stage-1 (align) output: run `cvlm train --stage align` first "
@@ -224,38 +275,86 @@ def check_model_folder(model_args: ModelArguments) -> dict | None:
     return facts
 
 
-def check_output_dir(output_dir: str, model) -> None:
-    config_path = Path(output_dir) / "config.json"
-    if not config_path.exists():
-        return
-    theirs = json.loads(config_path.read_text())
-    mine = model.config
-    same = (theirs.get("model_type") == mine.model_type and theirs.get("connector_type") == mine.connector_type
-            and theirs.get("text_config", {}).get("hidden_size") == mine.text_config.hidden_size
-            and theirs.get("vision_config", {}).get("hidden_size") == mine.vision_config.hidden_size)
-    if not same:
-        what = f"{theirs.get('model_type')}/{theirs.get('connector_type', '-')}"
-        raise ValueError(
-            f"--output_dir {output_dir} holds a different model ({what}); training would mix the two. "
-            "Pick another --output_dir, or delete that folder."
-        )
+def check_numbers(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args) -> None:
+    """Every numeric setting in range before any work (a zero batch or step count would fail deep inside,
+    or train nothing)."""
+    checks = [
+        ("--max_steps", args.max_steps, args.max_steps == -1 or args.max_steps >= 1, "-1 (use epochs) or at least 1"),
+        ("--num_train_epochs", args.num_train_epochs, args.max_steps >= 1 or args.num_train_epochs > 0, "above 0"),
+        ("--per_device_train_batch_size", args.per_device_train_batch_size, args.per_device_train_batch_size >= 1,
+         "at least 1"),
+        ("--gradient_accumulation_steps", args.gradient_accumulation_steps, args.gradient_accumulation_steps >= 1,
+         "at least 1"),
+        ("--learning_rate", args.learning_rate, args.learning_rate > 0, "above 0"),
+        ("--connector_lr", model_args.connector_lr, model_args.connector_lr is None or model_args.connector_lr > 0,
+         "above 0"),
+        ("--model_max_length", data_args.model_max_length, data_args.model_max_length >= 1, "at least 1"),
+        ("--lora_r", lora_args.lora_r, lora_args.lora_r >= 1, "at least 1"),
+        ("--lora_alpha", lora_args.lora_alpha, lora_args.lora_alpha > 0, "above 0"),
+        ("--lora_dropout", lora_args.lora_dropout, 0 <= lora_args.lora_dropout < 1, "in [0, 1)"),
+    ]
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            raise ValueError(f"{flag} {value} is invalid: use a value {allowed}.")
+
+
+def run_fingerprint(model_args, data_args, lora_args, args) -> dict:
+    """What a training run's checkpoints depend on: the starting checkpoint, the data and every setting
+    that changes the weights. A resume continues only a run with the same fingerprint."""
+    settings = {k: getattr(args, k, None) for k in ("seed", "learning_rate", "per_device_train_batch_size",
+                                              "gradient_accumulation_steps", "max_steps", "num_train_epochs",
+                                              "lr_scheduler_type", "warmup_steps", "weight_decay",
+                                              "optim", "bf16", "fp16")}
+    return {"model": model_digest(model_args.model), "data": path_digest(data_args.data),
+            "image_folder": data_args.image_folder and path_digest(data_args.image_folder),
+            "stage": model_args.stage, "lm_full": model_args.lm_full, "connector_lr": model_args.connector_lr,
+            "lora": asdict(lora_args), "model_max_length": data_args.model_max_length,
+            "columns": [data_args.image_column, data_args.conversations_column], "settings": settings}
+
+
+def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, overwrite: bool) -> None:
+    """The run's folder is this run's: a folder of the user's is refused, and another run's checkpoints
+    are never resumed from or mixed in (refused, or with --overwrite removed first)."""
+    out = check_output(output_dir, overwrite, flag="--output_dir")
+    record = out / RUN_FINGERPRINT
+    theirs = read_json(record, "run fingerprint") if record.exists() else None
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    if not checkpoints and (out / "config.json").is_file() and theirs != fingerprint and not overwrite:
+        config = read_json(out / "config.json", "checkpoint config")
+        raise ValueError(f"--output_dir {output_dir} holds a different model ({config.get('model_type')}/"
+                         f"{config.get('connector_type', '-')}); training would mix the two. Pick another "
+                         "--output_dir, or pass --overwrite to write over it.")
+    if checkpoints and theirs != fingerprint:
+        changed = ", ".join(k for k in fingerprint if (theirs or {}).get(k) != fingerprint[k]) if theirs else "unknown origin"
+        if not overwrite:
+            raise ValueError(f"--output_dir {output_dir} holds checkpoints of another run ({changed} differ); "
+                             f"{'resuming' if resume else 'training'} there would mix the two. Pick another "
+                             "--output_dir, or pass --overwrite to remove those checkpoints first.")
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(record, json.dumps(fingerprint, indent=2) + "\n")
 
 
 # ---- the job -------------------------------------------------------------------------------------
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments) -> Path:
     start = time.time()
+    check_numbers(model_args, data_args, lora_args, args)
     facts_in = check_model_folder(model_args)
     set_seed(args.seed)
     args.remove_unused_columns = False  # the collator needs the raw columns
     args.dataloader_pin_memory = args.dataloader_pin_memory and torch.cuda.is_available()
-    processor = ConnectorVLMProcessor.from_pretrained(model_args.model, trust_remote_code=True)  # our own code
+    # the installed classes, and no tokenizer code from the folder: nothing in --model runs
+    processor = load_processor(model_args.model)
     records = read_records(data_args.data, data_args.image_folder, data_args.image_column, data_args.conversations_column)
     samples = tokenize_all(records, processor, data_args.model_max_length)  # bad data fails before any heavy work
+    if args.process_index == 0:
+        claim_output_dir(args.output_dir, run_fingerprint(model_args, data_args, lora_args, args), data_args.resume,
+                         model_args.overwrite)
     model = ConnectorVLMForConditionalGeneration.from_pretrained(model_args.model, dtype=torch.float32)
     model.config.auto_map = dict(AUTO_MAP)
     type(model).register_for_auto_class("AutoModelForImageTextToText")
     type(model.config).register_for_auto_class()
-    check_output_dir(args.output_dir, model)
     cache = None
     if data_args.cache_features:
         images = [image for sample in samples for image in sample.images]
@@ -327,9 +426,5 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, lora_args, args = parse_args(argv)
-    try:
-        train(model_args, data_args, lora_args, args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"cvlm train: error: {error}", file=sys.stderr)
-        return 2
+    train(model_args, data_args, lora_args, args)
     return 0

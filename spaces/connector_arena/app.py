@@ -72,10 +72,20 @@ def model_sources() -> list[tuple[str, str]]:
     return out
 
 
+def _load(source: str):
+    """Where connector-vlm is installed (`cvlm space`), its own classes load the checkpoint and none of
+    the checkpoint's code runs; deployed alone, the Space runs the code of the checkpoints its owner listed."""
+    try:
+        from cvlm.loading import load_checkpoint
+    except ImportError:
+        model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True, dtype=torch.float32).eval()
+        return model, AutoProcessor.from_pretrained(source, trust_remote_code=True)
+    return load_checkpoint(source)
+
+
 def load_variant(source: str, label: str) -> Variant:
     try:
-        model = AutoModelForImageTextToText.from_pretrained(source, trust_remote_code=True, dtype=torch.float32).eval()
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=True)
+        model, processor = _load(source)
     except Exception as error:  # noqa: BLE001 - any failure becomes an error card; the others still work
         return Variant(source, label, error=f"could not load {source}: {type(error).__name__}: {error}")
     scores = {}
@@ -87,10 +97,25 @@ def load_variant(source: str, label: str) -> Variant:
 
 
 # ---- input checks ----------------------------------------------------------------------------------
-def read_image(path) -> tuple[Image.Image, str]:
-    """The upload as RGB, downscaled when huge; a note on what was done. gr.Error on bad input."""
-    if isinstance(path, dict):  # unprocessed upload (FileData)
-        path = path.get("path")
+def received_path(value, cache_dir: str) -> str | None:
+    """The path of an image gradio received (an upload, or an example it cached), else gr.Error: a value
+    naming any other file on the server is never read."""
+    if value is None:
+        return None
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str) or not path:
+        raise gr.Error("Pick an example or upload an image.")
+    resolved = Path(path).resolve()
+    received = [Path(cache_dir).resolve(), Path(gr.utils.get_upload_folder()).resolve()]
+    if not any(resolved.is_relative_to(folder) for folder in received):
+        raise gr.Error("Upload the image through this page (or pick an example); other paths are not read.")
+    return str(resolved)
+
+
+def read_image(path, to_rgb=None) -> tuple[Image.Image, str]:
+    """The upload as RGB (`to_rgb`: the checkpoints' own conversion, so that 16-bit, alpha and palette
+    pictures look as they do in training), downscaled when huge; a note on what was done. gr.Error on
+    bad input."""
     if path is None:
         raise gr.Error("Pick an example or upload an image.")
     try:
@@ -99,8 +124,9 @@ def read_image(path) -> tuple[Image.Image, str]:
             if width * height > REFUSE_PIXELS:
                 raise gr.Error(f"The image is {width}x{height} pixels; the limit is {REFUSE_PIXELS:,} pixels.")
             mode = handle.mode
-            image = handle.convert("RGB")
-    except (UnidentifiedImageError, OSError):
+            handle.load()
+            image = to_rgb(handle) if to_rgb else handle.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise gr.Error("That file is not an image this page can read: upload a PNG, JPEG or WebP picture.") from None
     notes = [] if mode == "RGB" else [f"converted from {mode} to RGB"]
     if max(image.size) > MAX_SIDE:
@@ -227,7 +253,8 @@ def build_demo(variants: list[Variant]) -> gr.Blocks:
         def compare(image_path, question):
             if not question or not question.strip():
                 raise gr.Error("Type a question.")
-            image, note = read_image(image_path)
+            image, note = read_image(received_path(image_path, image_in.GRADIO_CACHE),
+                                     getattr(ok[0].processor, "to_rgb", None) if ok else None)
             status_text = f"*{note}*" if note else ""
             first = []
             for v in ok:
@@ -245,7 +272,8 @@ def build_demo(variants: list[Variant]) -> gr.Blocks:
             yield (status_text, *first)  # the complete result, for API clients
 
         workers = max(1, (os.cpu_count() or 1) // 2)
-        # preprocess=False: the upload reaches `read_image` as it is, so a bad file gets this page's message
+        # preprocess=False: the upload reaches `read_image` as it is, so a bad file gets this page's message;
+        # `received_path` lets through only files gradio received
         submit.click(compare, [image_in, question_in], [status, *outputs], api_name="compare", preprocess=False,
                      concurrency_limit=workers, time_limit=TIME_LIMIT_S * max(1, len(ok)) + 30)
         demo.queue(max_size=64, default_concurrency_limit=workers)
@@ -256,5 +284,10 @@ def create_demo() -> gr.Blocks:
     return build_demo([load_variant(source, label) for source, label in model_sources()])
 
 
+def server_name() -> str:
+    """All interfaces on a Hugging Face Space (it sets SPACE_ID), this machine only anywhere else."""
+    return os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+
+
 if __name__ == "__main__":
-    create_demo().launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0"), theme=gr.themes.Soft())
+    create_demo().launch(server_name=server_name(), theme=gr.themes.Soft())
