@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cvlm.build import build_model
+from cvlm.trainers.data import load_image
 from cvlm.generate import demo_image
 from cvlm.modeling import CONNECTORS
 
@@ -98,6 +99,86 @@ def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_s
         # The prompt's text tokens are not compressed: the sequence ratio is the reachable bound.
         row["sequence_bound"] = reference["sequence_length"] / row["sequence_length"]
         row["share_of_sequence_bound"] = row["prefill_speedup_vs_mlp"] / row["sequence_bound"]
+    return rows
+
+
+# ---- the study's quiet timing phase ------------------------------------------------------------------
+def _timing_case(label: str, checkpoint: str, train_data: str, question: str, batch_size: int) -> dict:
+    """A trained checkpoint with what one training step and one prefill take as inputs: a batch of the
+    study's own training samples (encoder features precomputed, as the feature cache gives them during
+    training) and one picture with a question."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cvlm.loading import load_processor
+    from cvlm.modeling import ConnectorVLMForConditionalGeneration
+    from cvlm.trainers.data import Collator, SupervisedDataset, read_records, tokenize_all
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = ConnectorVLMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).to(device)
+    processor = load_processor(checkpoint)
+    records = [r for r in read_records(train_data) if r.get("image")][:batch_size]
+    batch = Collator(processor)([SupervisedDataset(tokenize_all(records, processor, 2048))[i] for i in range(len(records))])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad():
+        batch["vision_features"] = torch.stack(model.model.select_vision_features(batch.pop("pixel_values")), dim=1)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = [*model.model.connector.parameters(), *model.model.language_model.parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=0.0)  # the arithmetic of a step; the weights need not move
+    image = records[0]["image"][0]
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                                         add_generation_prompt=True)
+    prompt = processor(images=[load_image(image)], text=[text], return_tensors="pt").to(device)
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    def prefill():
+        model.eval()
+        with torch.inference_mode():
+            model(**prompt, logits_to_keep=1)
+
+    # FLOPs of the forward passes, counted from the shapes by torch (its module tracker needs no parameter
+    # to require grad); a training step is counted as 3 forwards (backward about twice the forward)
+    for p in trainable:
+        p.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(**batch)
+    train_flops = 3 * counter.get_total_flops() / len(records)
+    with FlopCounterMode(display=False) as counter:
+        prefill()
+    for p in trainable:
+        p.requires_grad_(True)
+    return {"label": label, "model": model, "device": device, "train_step": train_step, "prefill": prefill, "tokens": model.config.num_image_tokens,
+            "train_flops_per_sample": train_flops, "prefill_flops": counter.get_total_flops(),
+            "times": {"train_step": [], "prefill": []}}
+
+
+def time_checkpoints(cases: list[dict], rounds: int = 10, warmup: int = 2, batch_size: int = 16) -> list[dict]:
+    """cases: {"label", "checkpoint", "train_data", "question", ...}. Every checkpoint's training step and
+    prefill timed in interleaved rounds (each case once per round) in this one process, so that the
+    machine's drifts hit all alike; medians over the rounds, with analytic FLOPs (torch's FLOP counter)
+    and visual tokens beside them. Call it with nothing else running."""
+    built = [{**case, **_timing_case(case["label"], case["checkpoint"], case["train_data"], case["question"],
+                                     batch_size)} for case in cases]
+    for round_index in range(warmup + rounds):
+        for case in built:
+            for name in ("train_step", "prefill"):
+                seconds = _timed(case[name], case["device"])
+                if round_index >= warmup:
+                    case["times"][name].append(seconds)
+    rows = []
+    for case in built:
+        row = {k: v for k, v in case.items() if k not in ("model", "device", "train_step", "prefill", "times",
+                                                           "checkpoint", "train_data", "question")}
+        row["train_step_ms"] = 1e3 * statistics.median(case["times"]["train_step"])
+        row["prefill_ms"] = 1e3 * statistics.median(case["times"]["prefill"])
+        rows.append(row)
     return rows
 
 

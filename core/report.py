@@ -2,14 +2,20 @@
 
 A run row (what `cvlm study` records per trained and scored model) carries at least: connector,
 family, tokens (Q), resolution, seed, scores {coarse, fine, reasoning} in %, train_samples_per_s
-and prefill_ms. Each claim gets "reproduced", "not reproduced" or "inconclusive", with the means,
-the spread over seeds and the margin that decided it.
+and prefill_ms, and, from `cvlm study`, `questions` ({question: [granularity, right]}). Each claim
+gets "reproduced", "not reproduced" or "inconclusive" with its evidence. Score claims are decided by
+paired comparisons over questions and seeds (`cvlm.paired`: bootstrap intervals, a permutation
+p-value, an equivalence test); rows without per-question outcomes fall back to a margin of twice
+the spread over seeds. The speed claim is decided by the quiet timing phase when there is one.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
+
+from cvlm.paired import EQUIVALENCE_MARGIN, compare, describe
 
 GRANULARITIES = ("coarse", "fine", "reasoning")
 MIN_MARGIN = 2.0  # percentage points: differences below this are never called a difference
@@ -72,7 +78,34 @@ def verdict_family_gap(rows: list[dict], granularity: str) -> dict:
             "difference": p - c, "margin": margin_for(rows, key), "n": (len(preserving), len(compressing))}
 
 
+def _has_questions(rows: list[dict]) -> bool:
+    return bool(rows) and all(r.get("questions") for r in rows)
+
+
+def _family(rows: list[dict], family: str) -> list[dict]:
+    return [r for r in rows if r["family"] == family]
+
+
+def _means(rows: list[dict], granularity: str) -> str:
+    key = lambda r: r["scores"].get(granularity)  # noqa: E731
+    return " vs ".join(f"{family} {_fmt(*_mean_sd(_seed_means(_family(rows, family), key)))} %"
+                       for family in ("preserving", "compressing"))
+
+
 def claim_fine_grained(rows: list[dict]) -> dict:
+    claim = "Feature-preserving connectors beat compressing ones on fine-grained perception."
+    if _has_questions(rows):
+        result = compare(_family(rows, "preserving"), _family(rows, "compressing"), ("fine",))
+        if not result.get("n_questions"):
+            verdict = "inconclusive"
+        elif result["ci95"][0] > 0:
+            verdict = "reproduced"
+        elif result["ci95"][1] < 0:
+            verdict = "not reproduced"
+        else:
+            verdict = "inconclusive"
+        return {"claim": claim, "verdict": verdict, "statistics": {"fine": result},
+                "evidence": f"{_means(rows, 'fine')}; " + describe(result, "preserving - compressing, fine")}
     gap = verdict_family_gap(rows, "fine")
     if not all(gap["n"]) or math.isnan(gap["difference"]):
         verdict = "inconclusive"
@@ -90,6 +123,23 @@ def claim_fine_grained(rows: list[dict]) -> dict:
 
 
 def claim_comparable(rows: list[dict]) -> dict:
+    claim = "Compressing connectors are comparable on coarse-grained perception and reasoning."
+    if _has_questions(rows):
+        results = {g: compare(_family(rows, "preserving"), _family(rows, "compressing"), (g,))
+                   for g in ("coarse", "reasoning")}
+        if any(not r.get("n_questions") for r in results.values()):
+            verdict = "inconclusive"
+        elif all(r["equivalent"] for r in results.values()):
+            verdict = "reproduced"
+        elif any((r["ci95"][0] > 0 or r["ci95"][1] < 0) and abs(r["difference"]) >= EQUIVALENCE_MARGIN
+                 for r in results.values()):
+            verdict = "not reproduced"
+        else:
+            verdict = "inconclusive"
+        evidence = "; ".join(f"{_means(rows, g)} on {g}; " + describe(r, f"preserving - compressing, {g}")
+                             + f", {'within' if r.get('equivalent') else 'not within'} the ±{EQUIVALENCE_MARGIN:.0f}-point "
+                             "equivalence margin (90 % CI)" for g, r in results.items())
+        return {"claim": claim, "verdict": verdict, "statistics": results, "evidence": evidence}
     gaps = {g: verdict_family_gap(rows, g) for g in ("coarse", "reasoning")}
     if any(not all(gap["n"]) or math.isnan(gap["difference"]) for gap in gaps.values()):
         verdict = "inconclusive"
@@ -104,6 +154,39 @@ def claim_comparable(rows: list[dict]) -> dict:
                          f"{_margin(x['margin'])})" for g, x in gaps.items())
     return {"claim": "Compressing connectors are comparable on coarse-grained perception and reasoning.",
             "verdict": verdict, "evidence": evidence}
+
+
+def claim_faster_timed(timing: list[dict]) -> dict:
+    """From the quiet timing phase: per resolution, the preserving family's median training step and
+    prefill over the compressing family's; the verdict needs both above 1 + SPEED_MARGIN."""
+    ratios = {"training step": [], "prefill": []}
+    for resolution in sorted({t["resolution"] for t in timing}):
+        at = [t for t in timing if t["resolution"] == resolution]
+        for name, key in (("training step", "train_step_ms"), ("prefill", "prefill_ms")):
+            p = [t[key] for t in at if t["family"] == "preserving"]
+            c = [t[key] for t in at if t["family"] == "compressing"]
+            if p and c:
+                ratios[name].append(statistics.fmean(p) / statistics.fmean(c))
+    speedups = {k: math.exp(statistics.fmean(math.log(v) for v in vs)) if vs else float("nan")
+                for k, vs in ratios.items()}
+    if any(math.isnan(s) for s in speedups.values()):
+        verdict = "inconclusive"
+    elif all(s > 1 + SPEED_MARGIN for s in speedups.values()):
+        verdict = "reproduced"
+    elif any(s < 1 for s in speedups.values()):
+        verdict = "not reproduced"
+    else:
+        verdict = "inconclusive"
+    tokens = {f: statistics.fmean(t["tokens"] for t in timing if t["family"] == f) for f in ("preserving", "compressing")
+              if any(t["family"] == f for t in timing)}
+    flops = {f: statistics.fmean(t["train_flops_per_sample"] for t in timing if t["family"] == f) for f in tokens}
+    evidence = "; ".join(f"{name}: {s:.2f}x in favour of compressing (geometric mean over resolutions)"
+                         for name, s in speedups.items())
+    if len(tokens) == 2:
+        evidence += (f"; visual tokens {tokens['preserving']:.1f} vs {tokens['compressing']:.1f}, training FLOPs per "
+                     f"sample {flops['preserving'] / 1e6:.0f}M vs {flops['compressing'] / 1e6:.0f}M")
+    return {"claim": "Compressing connectors train and answer faster.", "verdict": verdict,
+            "evidence": evidence + f" (quiet timing phase, interleaved rounds; margin {100 * SPEED_MARGIN:.0f} %)"}
 
 
 def claim_faster(rows: list[dict]) -> dict:
@@ -129,6 +212,26 @@ def claim_faster(rows: list[dict]) -> dict:
 
 
 def claim_ranking(rows: list[dict]) -> dict:
+    claim = "Average pooling ≈ C-Abstractor > Q-Former (mean over the three granularities)."
+    if _has_questions(rows):
+        group = {name: [r for r in rows if r["connector"] == name] for name in ("avgpool", "cabstractor", "qformer")}
+        if not all(group.values()):
+            missing = ", ".join(n for n, g in group.items() if not g)
+            return {"claim": claim, "verdict": "inconclusive", "evidence": f"no runs of {missing}"}
+        pair = compare(group["avgpool"], group["cabstractor"], GRANULARITIES)
+        over_q = {n: compare(group[n], group["qformer"], GRANULARITIES) for n in ("avgpool", "cabstractor")}
+        if pair["equivalent"] and all(r["ci95"][0] > 0 for r in over_q.values()):
+            verdict = "reproduced"
+        elif any(r["ci95"][1] < 0 for r in over_q.values()) or (
+                (pair["ci95"][0] > 0 or pair["ci95"][1] < 0) and abs(pair["difference"]) >= EQUIVALENCE_MARGIN):
+            verdict = "not reproduced"
+        else:
+            verdict = "inconclusive"
+        evidence = "; ".join([describe(pair, "avgpool - cabstractor") + f", {'within' if pair['equivalent'] else 'not within'}"
+                              f" the ±{EQUIVALENCE_MARGIN:.0f}-point margin"]
+                             + [describe(r, f"{n} - qformer") for n, r in over_q.items()])
+        return {"claim": claim, "verdict": verdict, "statistics": {"avgpool-cabstractor": pair, **{
+            f"{n}-qformer": r for n, r in over_q.items()}}, "evidence": evidence}
     key = lambda r: statistics.fmean(r["scores"][g] for g in GRANULARITIES)  # noqa: E731
     stats = {name: _mean_sd(_seed_means([r for r in rows if r["connector"].startswith(name)], key))
              for name in ("avgpool", "cabstractor", "qformer")}
@@ -192,13 +295,14 @@ def learnt(rows: list[dict], chance: dict) -> dict:
     return out
 
 
-def verdicts(rows: list[dict], chance: dict | None = None) -> list[dict]:
+def verdicts(rows: list[dict], chance: dict | None = None, timing: list[dict] | None = None) -> list[dict]:
     """Each claim's verdict. With `chance` (per granularity), a claim that rests on a granularity no
-    connector learnt is inconclusive whatever the differences: they would be noise around chance."""
+    connector learnt is inconclusive whatever the differences: they would be noise around chance. With
+    `timing` (the quiet timing phase), the speed claim comes from it, not from the training runs."""
     state = learnt(rows, chance) if chance else {}
     out = []
     for claim in CLAIMS:
-        result = claim(rows)
+        result = claim_faster_timed(timing) if claim is claim_faster and timing else claim(rows)
         unlearnt = [g for g in USES.get(claim, ()) if g in state and not state[g]["learnt"]]
         if unlearnt:
             result = {**result, "verdict": "inconclusive"}
@@ -207,3 +311,88 @@ def verdicts(rows: list[dict], chance: dict | None = None) -> list[dict]:
                                   + f", {LEARNT_MARGIN:.0f} points above chance needed); " + result["evidence"])
         out.append(result)
     return out
+
+
+# ---- the report: tables, verdicts and plots of a study -------------------------------------------------
+def _learnability(state: dict) -> str:
+    """Whether the benchmark was learnt at all: the best connector per granularity against chance."""
+    parts = [f"{g}: best {x['connector']} at {x['resolution']} px {x['best']:.1f} vs chance {x['chance']:.1f} "
+             f"({'learnt' if x['learnt'] else 'not learnt'})" for g, x in state.items()]
+    return (f"Learnt at all? (the best mean over seeds at least {LEARNT_MARGIN:.0f} points above chance) "
+            + "; ".join(parts) + ". A claim that rests on a granularity no connector learnt is inconclusive.")
+
+
+def write_report(root: Path, result: dict) -> None:
+    from cvlm.plot import line_plot, radar_plot
+
+    rows = result["runs"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["connector"], r["resolution"]), []).append(r)
+    lines = ["# cvlm study: to preserve or to compress?", "",
+             f"{len(rows)} runs ({len(result['failures'])} failed); scores in % (mean ± std over seeds); the "
+             "training-run timings (train s, samples/s, prefill ms) were taken while runs shared the cores and are "
+             "information only.", "",
+             "| connector | family | resolution | Q | coarse | fine | reasoning | train s | samples/s | prefill ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (connector, resolution), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        r0 = runs[0]
+        lines.append(f"| {connector} | {r0['family']} | {resolution} | {r0['tokens']} | "
+                     + " | ".join(_fmt(*_mean_sd([r["scores"][g] for r in runs])) for g in GRANULARITIES)
+                     + f" | {statistics.fmean(r['train_wall_s'] for r in runs):.1f} | "
+                     f"{statistics.fmean(r['train_samples_per_s'] for r in runs):.1f} | "
+                     f"{statistics.fmean(r['prefill_ms'] for r in runs):.1f} |")
+    if result.get("baselines"):
+        chance, blind = result["baselines"]["chance"], result["baselines"]["blind"]
+        lines.append("| chance (one over the options) | - | - | - | " + " | ".join(f"{chance[g]:.1f}" for g in GRANULARITIES)
+                     + " | - | - | - |")
+        if blind:
+            lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
+                         + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
+        lines += ["", _learnability(result["baselines"]["learnt"])]
+    if result.get("timing"):
+        lines += ["", "Speed, measured apart from training (interleaved rounds in one process, nothing else running; "
+                  "median ms; FLOPs counted by torch):", "",
+                  "| connector | family | resolution | Q | training step ms | prefill ms | training MFLOPs / sample |"
+                  " prefill MFLOPs |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['label']} | {t['family']} | {t['resolution']} | {t['tokens']} | {t['train_step_ms']:.1f} | "
+                  f"{t['prefill_ms']:.1f} | {t['train_flops_per_sample'] / 1e6:.1f} | {t['prefill_flops'] / 1e6:.1f} |"
+                  for t in result["timing"]]
+    lines += ["", "## Verdicts on the paper's claims", ""]
+    for v in result["verdicts"]:
+        lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")
+    if result["failures"]:
+        lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in result["failures"]]
+    lines += ["", "Plots: `radar.png` (granularities per connector, largest resolution), `accuracy_vs_tokens.png`, "
+              "`accuracy_vs_training_time.png`, `loss_curves.png`."]
+    (root / "report.md").write_text("\n".join(lines) + "\n")
+    if not rows:
+        return
+    largest = max(r["resolution"] for r in rows)
+    by_connector: dict[str, list[dict]] = {}
+    for r in rows:
+        by_connector.setdefault(r["connector"], []).append(r)
+    radar_plot({c: [statistics.fmean(r["scores"][g] or 0 for r in rs if r["resolution"] == largest) for g in GRANULARITIES]
+                for c, rs in by_connector.items() if any(r["resolution"] == largest for r in rs)},
+               list(GRANULARITIES), root / "radar.png", title=f"granularity scores at {largest} px (%)")
+    mean_score = lambda r: statistics.fmean(v for v in r["scores"].values() if v is not None)  # noqa: E731
+    for name, key, x_label in (("accuracy_vs_tokens", "tokens", "visual tokens Q"),
+                               ("accuracy_vs_training_time", "train_wall_s", "training wall time (s)")):
+        series = {c: ([r[key] for r in rs], [mean_score(r) for r in rs]) for c, rs in by_connector.items()}
+        line_plot([], [], root / f"{name}.png", title=f"mean score vs {x_label}", x_label=x_label,
+                  y_label="score (%)", series={c: tuple(zip(*sorted(zip(*v)))) for c, v in series.items()})
+    curves = {}
+    for c, rs in by_connector.items():
+        r = next((r for r in rs if r["resolution"] == largest), rs[0])
+        steps, losses = [], []
+        offset = 0
+        for stage in ("align", "finetune"):
+            for step, loss in r["losses"].get(stage, []):
+                steps.append(offset + step)
+                losses.append(loss)
+            offset = steps[-1] if steps else offset
+        if steps:
+            curves[c] = (steps, losses)
+    if curves:
+        line_plot([], [], root / "loss_curves.png", title="training loss (align, then finetune)", x_label="step",
+                  y_label="loss", series=curves, log_y=True)

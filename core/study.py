@@ -27,7 +27,7 @@ from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
 DEFAULT_CONNECTORS = ["linear", "mlp", "avgpool", "avgpool:output_grid=1", "qformer", "cabstractor", "dense_sci",
                       "dense_dci", "pixel_shuffle"]
 GRANULARITIES = ("coarse", "fine", "reasoning")
-RUN_FORMAT = 2  # bumped when what a run records changes: older run.json files are redone
+RUN_FORMAT = 3  # bumped when what a run records changes: older run.json files are redone
 
 
 @dataclass
@@ -222,7 +222,13 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
         values = [r["granularity"][g]["macro"] for r in results.values() if r["granularity"][g]["macro"] is not None]
         scores[g] = statistics.fmean(values) if values else None
     first = next(iter(results.values()))
+    questions = {}
+    for benchmark, r in results.items():  # per question: its granularity and whether it was right
+        granularity_of = {key.split("/", 1)[1]: g for g in GRANULARITIES for key in r["granularity"][g]["subtasks"]}
+        questions.update({f"{benchmark}/{q}": [granularity_of[o["subtask"]], o["right"]]
+                          for q, o in r["questions"].items() if o["subtask"] in granularity_of})
     return {
+        "questions": questions,
         "connector": label, "connector_type": connector, "hyper_parameters": hyper,
         "family": CONNECTORS[connector].family, "resolution": resolution, "seed": seed,
         "tokens": first["speed"]["visual_tokens_per_image"],
@@ -287,7 +293,7 @@ def _run_job(job: dict) -> dict:
 def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
     """Every run of the grid (reusing those finished before with the same fingerprint), then results.json,
     the report and the plots. `overwrite` lets the study write into a folder it did not make."""
-    from cvlm.report import learnt, verdicts
+    from cvlm.report import learnt, verdicts, write_report
 
     check_settings(config)
     root = check_output(config.output, overwrite)
@@ -347,10 +353,11 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
         pool.shutdown()
     rows = [rows[i] for i in sorted(rows)]
     failures.sort(key=lambda f: f["run"])
+    timing = quiet_timing(root, rows, config) if rows else []
     baselines = _baselines(root, rows) if rows and not config.benchmarks else None
     chance = baselines["chance"] if baselines else None
-    result = {"config": asdict(config), "runs": rows, "failures": failures,
-              "verdicts": verdicts(rows, chance) if rows else []}
+    result = {"config": asdict(config), "runs": rows, "failures": failures, "timing": timing,
+              "verdicts": verdicts(rows, chance, timing) if rows else []}
     if baselines:
         result["baselines"] = {**baselines, "learnt": learnt(rows, chance)}
     tmp = root / "results.json.tmp"
@@ -359,6 +366,29 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
     write_report(root, result)
     _keep_checkpoints(root, rows, config)
     return result
+
+
+def quiet_timing(root: Path, rows: list[dict], config: StudyConfig) -> list[dict]:
+    """The speed figures the verdict uses: after every run, with no worker left, each connector's
+    training step and prefill at each resolution (its first seed's checkpoint) timed in interleaved
+    rounds in this one process, with its visual tokens and FLOPs. The runs' own timings, taken while
+    runs shared the cores, stay in results.json as information only."""
+    import torch
+
+    from cvlm.bench import time_checkpoints
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    first = min(r["seed"] for r in rows)
+    cases = []
+    for r in sorted((r for r in rows if r["seed"] == first), key=lambda r: (r["resolution"], r["connector"])):
+        if config.benchmarks:
+            train, question = config.finetune_data or config.align_data, "What is in the image?"
+        else:
+            train, question = _synthetic(root, r["resolution"], config)["train"], "What colour is the small square?"
+        cases.append({"label": r["connector"], "family": r["family"], "resolution": r["resolution"],
+                      "checkpoint": r["checkpoint"], "train_data": train, "question": question})
+    print(f"cvlm study: timing {len(cases)} checkpoints in interleaved rounds (nothing else running)")
+    return time_checkpoints(cases, batch_size=config.batch_size)
 
 
 def _granularity_means(subtask_scores: dict, mapping: dict) -> dict:
@@ -397,87 +427,3 @@ def _keep_checkpoints(root: Path, rows: list[dict], config: StudyConfig) -> None
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(row["checkpoint"], target, ignore=shutil.ignore_patterns("checkpoint-*", "adapter"))
-
-
-def _mean_sd(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {sd:.1f}"
-
-
-def _learnability(state: dict) -> str:
-    """Whether the benchmark was learnt at all: the best connector per granularity against chance."""
-    from cvlm.report import LEARNT_MARGIN
-
-    parts = [f"{g}: best {x['connector']} at {x['resolution']} px {x['best']:.1f} vs chance {x['chance']:.1f} "
-             f"({'learnt' if x['learnt'] else 'not learnt'})" for g, x in state.items()]
-    return (f"Learnt at all? (the best mean over seeds at least {LEARNT_MARGIN:.0f} points above chance) "
-            + "; ".join(parts) + ". A claim that rests on a granularity no connector learnt is inconclusive.")
-
-
-def write_report(root: Path, result: dict) -> None:
-    from cvlm.plot import line_plot, radar_plot
-
-    rows = result["runs"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["connector"], r["resolution"]), []).append(r)
-    lines = ["# cvlm study: to preserve or to compress?", "",
-             f"{len(rows)} runs ({len(result['failures'])} failed); scores in % (mean ± std over seeds).", "",
-             "| connector | family | resolution | Q | coarse | fine | reasoning | train s | samples/s | prefill ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (connector, resolution), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        r0 = runs[0]
-        lines.append(f"| {connector} | {r0['family']} | {resolution} | {r0['tokens']} | "
-                     + " | ".join(_mean_sd([r["scores"][g] for r in runs]) for g in GRANULARITIES)
-                     + f" | {statistics.fmean(r['train_wall_s'] for r in runs):.1f} | "
-                     f"{statistics.fmean(r['train_samples_per_s'] for r in runs):.1f} | "
-                     f"{statistics.fmean(r['prefill_ms'] for r in runs):.1f} |")
-    if result.get("baselines"):
-        chance, blind = result["baselines"]["chance"], result["baselines"]["blind"]
-        lines.append("| chance (one over the options) | - | - | - | " + " | ".join(f"{chance[g]:.1f}" for g in GRANULARITIES)
-                     + " | - | - | - |")
-        if blind:
-            lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
-                         + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
-        lines += ["", _learnability(result["baselines"]["learnt"])]
-    lines += ["", "## Verdicts on the paper's claims", ""]
-    for v in result["verdicts"]:
-        lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")
-    if result["failures"]:
-        lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in result["failures"]]
-    lines += ["", "Plots: `radar.png` (granularities per connector, largest resolution), `accuracy_vs_tokens.png`, "
-              "`accuracy_vs_training_time.png`, `loss_curves.png`."]
-    (root / "report.md").write_text("\n".join(lines) + "\n")
-    if not rows:
-        return
-    largest = max(r["resolution"] for r in rows)
-    by_connector: dict[str, list[dict]] = {}
-    for r in rows:
-        by_connector.setdefault(r["connector"], []).append(r)
-    radar_plot({c: [statistics.fmean(r["scores"][g] or 0 for r in rs if r["resolution"] == largest) for g in GRANULARITIES]
-                for c, rs in by_connector.items() if any(r["resolution"] == largest for r in rs)},
-               list(GRANULARITIES), root / "radar.png", title=f"granularity scores at {largest} px (%)")
-    mean_score = lambda r: statistics.fmean(v for v in r["scores"].values() if v is not None)  # noqa: E731
-    for name, key, x_label in (("accuracy_vs_tokens", "tokens", "visual tokens Q"),
-                               ("accuracy_vs_training_time", "train_wall_s", "training wall time (s)")):
-        series = {c: ([r[key] for r in rs], [mean_score(r) for r in rs]) for c, rs in by_connector.items()}
-        line_plot([], [], root / f"{name}.png", title=f"mean score vs {x_label}", x_label=x_label,
-                  y_label="score (%)", series={c: tuple(zip(*sorted(zip(*v)))) for c, v in series.items()})
-    curves = {}
-    for c, rs in by_connector.items():
-        r = next((r for r in rs if r["resolution"] == largest), rs[0])
-        steps, losses = [], []
-        offset = 0
-        for stage in ("align", "finetune"):
-            for step, loss in r["losses"].get(stage, []):
-                steps.append(offset + step)
-                losses.append(loss)
-            offset = steps[-1] if steps else offset
-        if steps:
-            curves[c] = (steps, losses)
-    if curves:
-        line_plot([], [], root / "loss_curves.png", title="training loss (align, then finetune)", x_label="step",
-                  y_label="loss", series=curves, log_y=True)

@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from cvlm.files import check_output, model_digest, path_digest, read_json, write_atomic
 
-from .loaders import LETTERS, Question, load_benchmark
+from .loaders import CIRCULAR_OFFSET, LETTERS, Question, load_benchmark
 
 METRICS_DIR = Path(__file__).parent / "metrics"
 MAPPING_FILE = Path(__file__).parent / "granularity_mapping.json"
@@ -136,6 +136,26 @@ def _parse(benchmark: str, metric, raw: str, question: Question):
     if benchmark == "mmbench":
         return metric_function(metric, "extract_option")(raw, question.choices)
     return metric_function(metric, "parse_letter")(raw)
+
+
+def question_outcomes(benchmark: str, rows: list[dict]) -> dict[str, dict]:
+    """Per question: its subtask and whether it was answered right, as the metric counts it (MMBench: a
+    question is right only when every circular pass is; MME: per question, not per picture pair). The
+    unit of the study's paired comparisons."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if benchmark == "mmbench":
+            key = str(int(r["fields"]["index"]) % CIRCULAR_OFFSET)
+            subtask = r["fields"]["category"]
+        elif benchmark == "seed_bench":
+            key = r["id"]
+            subtask = subtask_of(Question("seed_bench", r["id"], None, "", r["answer"], fields=r["fields"]))
+        else:
+            key, subtask = r["id"], r["fields"]["category"]
+        right = r["parsed"] is not None and str(r["parsed"]).strip().lower() == str(r["answer"]).strip().lower()
+        entry = out.setdefault(key, {"subtask": subtask, "right": True})
+        entry["right"] = entry["right"] and right
+    return out
 
 
 def score(benchmark: str, rows: list[dict], metric=None, mapping_file: str | Path = MAPPING_FILE) -> dict:
@@ -293,7 +313,7 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     results = {
         "benchmark": benchmark, "model": model_id, "data": data, "mode": mode, "num_questions": len(rows),
-        "unreadable_rows": problems, **scored,
+        "unreadable_rows": problems, **scored, "questions": question_outcomes(benchmark, rows),
         "speed": {
             "visual_tokens_per_image": model.config.num_image_tokens,
             "mean_prefill_latency_s": sum(b["prefill_s"] for b in batches.values()) / len(batches),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
+
+import pytest
 
 from cvlm.report import verdicts
 
@@ -96,3 +99,78 @@ def test_a_claim_on_a_granularity_no_connector_learnt_is_inconclusive():
     comparable = result["Compressing connectors are comparable on coarse-grained perception and reasoning."]
     assert comparable["verdict"] == "inconclusive" and "no connector learnt reasoning" in comparable["evidence"]
     assert result["Compressing connectors train and answer faster."]["verdict"] == "reproduced"  # no score involved
+
+
+# ---- paired comparisons over questions and seeds ------------------------------------------------------------
+def question_rows(right_share, seeds=(0, 1), n=40, resolutions=(32,)):
+    """Rows whose per-question outcomes give each connector `right_share[connector][granularity]` of its
+    questions right (the first questions in order), identically for every seed and resolution."""
+    out = []
+    for connector, shares in right_share.items():
+        for resolution, seed in itertools.product(resolutions, seeds):
+            questions = {f"mmbench/{g}-{i}": [g, i < round(shares[g] * n)] for g in ("coarse", "fine", "reasoning")
+                         for i in range(n)}
+            scores = {g: 100 * shares[g] for g in ("coarse", "fine", "reasoning")}
+            out.append({"connector": connector, "family": FAMILY[connector], "resolution": resolution, "seed": seed,
+                        "scores": scores, "questions": questions, "train_samples_per_s": 1.0, "prefill_ms": 1.0})
+    return out
+
+
+def test_a_clear_fine_grained_gap_is_reproduced_with_its_interval_and_p_value():
+    from cvlm.paired import compare
+
+    rows_ = question_rows({"mlp": {"coarse": 0.9, "fine": 0.9, "reasoning": 0.8},
+                           "avgpool": {"coarse": 0.9, "fine": 0.3, "reasoning": 0.8}})
+    result = compare([r for r in rows_ if r["family"] == "preserving"], [r for r in rows_ if r["family"] == "compressing"],
+                     ("fine",))
+    assert result["difference"] == pytest.approx(60.0)
+    assert 40 < result["ci95"][0] <= 60 <= result["ci95"][1] < 80 and result["p_value"] < 0.001
+    assert result["n_questions"] == 40 and result["n_seeds"] == 2
+    verdict = {v["claim"]: v for v in verdicts(rows_)}["Feature-preserving connectors beat compressing ones on "
+                                                           "fine-grained perception."]
+    assert verdict["verdict"] == "reproduced" and "95 % CI [+" in verdict["evidence"] and "p = 0.000" in verdict["evidence"]
+    assert compare(rows_[:2], rows_[2:], ("fine",)) == result  # the same runs give the same numbers
+
+
+def test_identical_families_are_comparable_and_a_real_gap_is_not():
+    same = {"coarse": 0.9, "fine": 0.5, "reasoning": 0.7}
+    rows_ = question_rows({"mlp": same, "avgpool": same})
+    claim = "Compressing connectors are comparable on coarse-grained perception and reasoning."
+    result = {v["claim"]: v for v in verdicts(rows_)}[claim]
+    assert result["verdict"] == "reproduced" and "within the ±5-point equivalence margin" in result["evidence"]
+    worse = question_rows({"mlp": same, "avgpool": {**same, "reasoning": 0.3}})
+    assert {v["claim"]: v for v in verdicts(worse)}[claim]["verdict"] == "not reproduced"
+
+
+def test_few_questions_leave_a_small_gap_undecided_and_say_how_many_are_needed():
+    from cvlm.paired import compare
+
+    rows_ = question_rows({"mlp": {"coarse": 0.5, "fine": 0.6, "reasoning": 0.5},
+                           "avgpool": {"coarse": 0.5, "fine": 0.5, "reasoning": 0.5}}, n=10)
+    result = compare(rows_[:2], rows_[2:], ("fine",))
+    assert result["difference"] == pytest.approx(10.0) and result["ci95"][0] <= 0 < result["ci95"][1]
+    # per-question differences: one question in ten at +100, the rest 0 -> spread 30 points
+    assert result["questions_for_5_points"] == math.ceil(((1.959964 + 0.841621) * 30 / 5) ** 2)
+    verdict = {v["claim"]: v for v in verdicts(rows_)}["Feature-preserving connectors beat compressing ones on "
+                                                           "fine-grained perception."]
+    assert verdict["verdict"] == "inconclusive" and "a 5-point difference needs 283 questions" in verdict["evidence"]
+
+
+def test_the_speed_verdict_comes_from_the_quiet_timing_phase():
+    from cvlm.report import claim_faster_timed
+
+    def timing(preserving_ms, compressing_ms):
+        return [{"label": name, "family": FAMILY[name], "resolution": res, "tokens": 16 if FAMILY[name] == "preserving" else 4,
+                 "train_step_ms": (preserving_ms if FAMILY[name] == "preserving" else compressing_ms) * res / 32,
+                 "prefill_ms": (preserving_ms if FAMILY[name] == "preserving" else compressing_ms) / 4,
+                 "train_flops_per_sample": 1e8, "prefill_flops": 1e7}
+                for name in ("mlp", "avgpool") for res in (32, 48, 64)]
+
+    fast = claim_faster_timed(timing(60.0, 30.0))
+    assert fast["verdict"] == "reproduced" and "training step: 2.00x in favour of compressing" in fast["evidence"]
+    assert claim_faster_timed(timing(30.0, 33.0))["verdict"] == "not reproduced"
+    assert claim_faster_timed(timing(30.0, 28.0))["verdict"] == "inconclusive"  # 7 %: inside the margin
+    rows_ = question_rows({"mlp": {"coarse": 0.9, "fine": 0.9, "reasoning": 0.8},
+                           "avgpool": {"coarse": 0.9, "fine": 0.3, "reasoning": 0.8}})
+    by_claim = {v["claim"]: v for v in verdicts(rows_, timing=timing(60.0, 30.0))}
+    assert "quiet timing phase" in by_claim["Compressing connectors train and answer faster."]["evidence"]
