@@ -1,106 +1,177 @@
-"""Small PNG line plots drawn with Pillow (already a dependency), for loss curves and results."""
+"""Plots drawn with matplotlib (headless, Agg), written atomically as PNG.
+
+- `line_plot`: a training run's loss curve (`cvlm train`), or several named series.
+- `study_plots`: the study's figures. Every connector of the registry has its own colour and
+  marker (a variant such as `avgpool-output_grid-1` its own too), the family is the line style
+  (preserving solid, compressing dashed), points are means over seeds with the spread over seeds as
+  error bars; lines join resolutions of one connector, never seeds.
+"""
 
 from __future__ import annotations
 
-import math
 import os
+import statistics
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import matplotlib
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
+
+GRANULARITIES = ("coarse", "fine", "reasoning")
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8", "d", "H", "1"]
+FAMILY_STYLE = {"preserving": "-", "compressing": "--"}
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    if high <= low:
-        high = low + 1.0
-    step = 10 ** math.floor(math.log10((high - low) / count))
-    for factor in (1, 2, 5, 10):
-        if (high - low) / (step * factor) <= count:
-            step *= factor
-            break
-    first = math.ceil(low / step) * step
-    return [first + i * step for i in range(int((high - first) / step) + 1)]
+def _save(figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path
 
 
 def line_plot(xs, ys, path: str | os.PathLike, title: str = "", x_label: str = "", y_label: str = "",
               series: dict[str, tuple[list, list]] | None = None, size=(720, 440), log_y: bool = False) -> Path:
-    """Writes a PNG with one line (xs, ys) or several (`series`: name -> (xs, ys)), atomically.
-    `log_y`: a logarithmic y axis (positive values only), for losses that fall by decades."""
+    """One line (xs, ys) or several (`series`: name -> (xs, ys)); `log_y` for losses that fall by decades
+    (values that are not positive are left out)."""
     series = series or {y_label or "value": (list(xs), list(ys))}
+    figure, axis = plt.subplots(figsize=(size[0] / 100, size[1] / 100))
+    for name, (sx, sy) in series.items():
+        points = [(x, y) for x, y in zip(sx, sy) if y is not None and (not log_y or y > 0)]
+        axis.plot([x for x, _ in points], [y for _, y in points], label=name, linewidth=1.4)
     if log_y:
-        series = {name: (sx, [math.log10(y) if y is not None and y > 0 else None for y in sy])
-                  for name, (sx, sy) in series.items()}
-    all_x = [x for sx, _ in series.values() for x in sx]
-    all_y = [y for _, sy in series.values() for y in sy if y is not None and math.isfinite(y)]
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    x0, x1 = min(all_x), max(all_x) if max(all_x) > min(all_x) else min(all_x) + 1
-    y_ticks = _ticks(min(all_y), max(all_y))
-    y0, y1 = min(y_ticks[0], min(all_y)), max(y_ticks[-1], max(all_y))
-    y1 = y1 if y1 > y0 else y0 + 1
-
-    def point(x, y):
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                top + (1 - (y - y0) / (y1 - y0)) * (height - top - bottom))
-
-    draw.rectangle([left, top, width - right, height - bottom], outline=(80, 80, 80))
-    for tick in y_ticks:
-        _, py = point(x0, tick)
-        draw.line([left - 4, py, width - right, py], fill=(225, 225, 225))
-        draw.text((8, py - 6), f"{10 ** tick if log_y else tick:.3g}", fill="black", font=font)
-    for tick in _ticks(x0, x1):
-        px, _ = point(tick, y0)
-        draw.line([px, height - bottom, px, height - bottom + 4], fill="black")
-        draw.text((px - 10, height - bottom + 8), f"{tick:.4g}", fill="black", font=font)
-    for i, (name, (sx, sy)) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        points = [point(x, y) for x, y in zip(sx, sy) if y is not None and math.isfinite(y)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for px, py in points if len(points) < 40 else []:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        if len(series) > 1:
-            draw.text((left + 10, top + 8 + 14 * i), f"- {name}", fill=colour, font=font)
-    draw.text((left, 12), title, fill="black", font=font)
-    draw.text(((width - len(x_label) * 6) / 2, height - 20), x_label, fill="black", font=font)
-    draw.text((8, top - 16), y_label + (" (log scale)" if log_y else ""), fill="black", font=font)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+        axis.set_yscale("log")
+    axis.set(title=title, xlabel=x_label, ylabel=y_label)
+    axis.grid(alpha=0.3)
+    if len(series) > 1:
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return _save(figure, path)
 
 
-def radar_plot(values: dict[str, list[float]], axes: list[str], path: str | os.PathLike, title: str = "",
-               maximum: float = 100.0, size: int = 520) -> Path:
-    """A radar chart (one polygon per name over `axes`, 0..maximum), as the connector paper's Figure 1."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    cx, cy, radius = size / 2, size / 2 + 10, size * 0.33
-    angles = [-math.pi / 2 + 2 * math.pi * i / len(axes) for i in range(len(axes))]
+# ---- the study ---------------------------------------------------------------------------------------
+def connector_styles(labels) -> dict[str, dict]:
+    """label -> matplotlib style: registry connectors in registry order first, then variants, each with
+    its own colour and marker."""
+    from cvlm.modeling import CONNECTORS
 
-    def point(angle, value):
-        r = radius * max(0.0, min(value, maximum)) / maximum
-        return cx + r * math.cos(angle), cy + r * math.sin(angle)
+    ordered = list(CONNECTORS) + sorted(set(labels) - set(CONNECTORS))
+    colours = [*plt.get_cmap("tab10").colors, *plt.get_cmap("Dark2").colors, *plt.get_cmap("Set1").colors]
+    return {label: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)]}
+            for i, label in enumerate(ordered)}
 
-    for level in (0.25, 0.5, 0.75, 1.0):
-        draw.polygon([point(a, level * maximum) for a in angles], outline=(210, 210, 210))
-    for angle, name in zip(angles, axes):
-        draw.line([(cx, cy), point(angle, maximum)], fill=(190, 190, 190))
-        x, y = point(angle, maximum * 1.12)
-        draw.text((x - 3 * len(name), y - 6), name, fill="black", font=font)
-    for i, (name, vals) in enumerate(values.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        draw.polygon([point(a, v) for a, v in zip(angles, vals)], outline=colour, width=2)
-        draw.text((10, 30 + 14 * i), f"- {name}", fill=colour, font=font)
-    draw.text((10, 10), title, fill="black", font=font)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+
+def _group(rows: list[dict], key) -> dict[tuple, list]:
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        value = key(r)
+        if value is not None:
+            groups.setdefault((r["connector"], r["resolution"]), []).append(value)
+    return groups
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _legend(figure, axes, styles, rows) -> None:
+    families = {r["connector"]: r["family"] for r in rows}
+    handles = [plt.Line2D([], [], linestyle=FAMILY_STYLE[families[c]], label=f"{c} ({families[c]})", **styles[c])
+               for c in sorted(families, key=list(styles).index)]
+    columns = max(1, min(len(handles), int(figure.get_figwidth() / 2.6)))
+    figure.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
+
+
+def radar(rows: list[dict], path: str | os.PathLike) -> Path:
+    """The paper's Figure 1: the three granularities per connector, one panel per resolution."""
+    import math
+
+    resolutions = sorted({r["resolution"] for r in rows})
+    styles = connector_styles({r["connector"] for r in rows})
+    figure, axes = plt.subplots(1, len(resolutions), figsize=(4.6 * len(resolutions), 5.2),
+                                subplot_kw={"projection": "polar"}, squeeze=False)
+    angles = [2 * math.pi * i / len(GRANULARITIES) for i in range(len(GRANULARITIES))]
+    for axis, resolution in zip(axes[0], resolutions):
+        at = [r for r in rows if r["resolution"] == resolution]
+        for connector in sorted({r["connector"] for r in at}, key=list(styles).index):
+            runs = [r for r in at if r["connector"] == connector]
+            means = [statistics.fmean(r["scores"][g] or 0 for r in runs) for g in GRANULARITIES]
+            axis.plot(angles + angles[:1], means + means[:1], linestyle=FAMILY_STYLE[runs[0]["family"]],
+                      linewidth=1.3, markersize=5, **styles[connector])
+        axis.set_xticks(angles, GRANULARITIES)
+        axis.set_ylim(0, 100)
+        axis.set_title(f"{resolution} px", pad=14)
+    _legend(figure, axes, styles, rows)
+    figure.suptitle("granularity scores (%), mean over seeds")
+    figure.tight_layout(rect=(0, 0.12, 1, 0.95))
+    return _save(figure, path)
+
+
+def score_versus(rows: list[dict], key: str, x_label: str, path: str | os.PathLike, log_x: bool = False) -> Path:
+    """Score per granularity (one panel each) against `key` (visual tokens, training time): mean ± sd
+    over seeds on both axes; a connector's resolutions joined in order."""
+    styles = connector_styles({r["connector"] for r in rows})
+    figure, axes = plt.subplots(1, len(GRANULARITIES), figsize=(15, 4.8), squeeze=False)
+    for axis, granularity in zip(axes[0], GRANULARITIES):
+        for connector in sorted({r["connector"] for r in rows}, key=list(styles).index):
+            runs = [r for r in rows if r["connector"] == connector]
+            xs = _group(runs, lambda r: r[key])
+            ys = _group(runs, lambda r: r["scores"][granularity])
+            points = sorted((resolution, _mean_sd(xs[(c, resolution)]), _mean_sd(ys[(c, resolution)]))
+                            for (c, resolution) in ys if (c, resolution) in xs)
+            if not points:
+                continue
+            axis.errorbar([x for _, (x, _), _ in points], [y for _, _, (y, _) in points],
+                          xerr=[sx for _, (_, sx), _ in points], yerr=[sy for _, _, (_, sy) in points],
+                          linestyle=FAMILY_STYLE[runs[0]["family"]], capsize=3, linewidth=1.2, markersize=6,
+                          **styles[connector])
+        if log_x:
+            axis.set_xscale("log", base=2)
+        axis.set(title=granularity, xlabel=x_label, ylabel="score (%)", ylim=(0, 102))
+        axis.grid(alpha=0.3)
+    _legend(figure, axes, styles, rows)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    return _save(figure, path)
+
+
+def loss_curves(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Training loss (align, then finetune) per connector at the largest resolution, the mean over seeds
+    with the seeds' range shaded, on a log axis so that late drops (the phase change) stay visible."""
+    largest = max(r["resolution"] for r in rows)
+    styles = connector_styles({r["connector"] for r in rows})
+    figure, axis = plt.subplots(figsize=(9, 5.4))
+    for connector in sorted({r["connector"] for r in rows}, key=list(styles).index):
+        runs = [r for r in rows if r["connector"] == connector and r["resolution"] == largest]
+        curves = []
+        for r in runs:
+            offset, curve = 0, {}
+            for stage in ("align", "finetune"):
+                for step, loss in r["losses"].get(stage, []):
+                    curve[offset + step] = loss
+                offset = max(curve, default=offset)
+            curves.append(curve)
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not steps:
+            continue
+        values = [[c[s] for c in curves] for s in steps]
+        style = styles[connector]
+        axis.plot(steps, [statistics.fmean(v) for v in values], linestyle=FAMILY_STYLE[runs[0]["family"]],
+                  linewidth=1.3, markevery=max(1, len(steps) // 8), markersize=5, **style)
+        axis.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=style["color"], alpha=0.15)
+    axis.set_yscale("log")
+    axis.set(title=f"training loss at {largest} px (mean over seeds, their range shaded)", xlabel="step (align, then finetune)",
+             ylabel="loss")
+    axis.grid(alpha=0.3)
+    _legend(figure, [[axis]], styles, [r for r in rows if r["resolution"] == largest])
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    return _save(figure, path)
+
+
+def study_plots(root: str | os.PathLike, rows: list[dict]) -> list[Path]:
+    root = Path(root)
+    return [radar(rows, root / "radar.png"),
+            score_versus(rows, "tokens", "visual tokens Q", root / "accuracy_vs_tokens.png", log_x=True),
+            score_versus(rows, "train_wall_s", "training wall time (s)", root / "accuracy_vs_training_time.png"),
+            loss_curves(rows, root / "loss_curves.png")]

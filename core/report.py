@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 from cvlm.paired import EQUIVALENCE_MARGIN, compare, describe
+from cvlm.files import write_atomic
 
 GRANULARITIES = ("coarse", "fine", "reasoning")
 MIN_MARGIN = 2.0  # percentage points: differences below this are never called a difference
@@ -323,7 +324,7 @@ def _learnability(state: dict) -> str:
 
 
 def write_report(root: Path, result: dict) -> None:
-    from cvlm.plot import line_plot, radar_plot
+    from cvlm.plot import study_plots
 
     rows = result["runs"]
     groups: dict[tuple, list[dict]] = {}
@@ -363,36 +364,9 @@ def write_report(root: Path, result: dict) -> None:
         lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")
     if result["failures"]:
         lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in result["failures"]]
-    lines += ["", "Plots: `radar.png` (granularities per connector, largest resolution), `accuracy_vs_tokens.png`, "
-              "`accuracy_vs_training_time.png`, `loss_curves.png`."]
-    (root / "report.md").write_text("\n".join(lines) + "\n")
-    if not rows:
-        return
-    largest = max(r["resolution"] for r in rows)
-    by_connector: dict[str, list[dict]] = {}
-    for r in rows:
-        by_connector.setdefault(r["connector"], []).append(r)
-    radar_plot({c: [statistics.fmean(r["scores"][g] or 0 for r in rs if r["resolution"] == largest) for g in GRANULARITIES]
-                for c, rs in by_connector.items() if any(r["resolution"] == largest for r in rs)},
-               list(GRANULARITIES), root / "radar.png", title=f"granularity scores at {largest} px (%)")
-    mean_score = lambda r: statistics.fmean(v for v in r["scores"].values() if v is not None)  # noqa: E731
-    for name, key, x_label in (("accuracy_vs_tokens", "tokens", "visual tokens Q"),
-                               ("accuracy_vs_training_time", "train_wall_s", "training wall time (s)")):
-        series = {c: ([r[key] for r in rs], [mean_score(r) for r in rs]) for c, rs in by_connector.items()}
-        line_plot([], [], root / f"{name}.png", title=f"mean score vs {x_label}", x_label=x_label,
-                  y_label="score (%)", series={c: tuple(zip(*sorted(zip(*v)))) for c, v in series.items()})
-    curves = {}
-    for c, rs in by_connector.items():
-        r = next((r for r in rs if r["resolution"] == largest), rs[0])
-        steps, losses = [], []
-        offset = 0
-        for stage in ("align", "finetune"):
-            for step, loss in r["losses"].get(stage, []):
-                steps.append(offset + step)
-                losses.append(loss)
-            offset = steps[-1] if steps else offset
-        if steps:
-            curves[c] = (steps, losses)
-    if curves:
-        line_plot([], [], root / "loss_curves.png", title="training loss (align, then finetune)", x_label="step",
-                  y_label="loss", series=curves, log_y=True)
+    lines += ["", "Plots: `radar.png` (the granularities per connector, one panel per resolution), "
+              "`accuracy_vs_tokens.png` and `accuracy_vs_training_time.png` (per granularity, mean ± sd over seeds), "
+              "`loss_curves.png` (log axis, mean over seeds with their range)."]
+    write_atomic(root / "report.md", "\n".join(lines) + "\n")
+    if rows:
+        study_plots(root, rows)

@@ -135,3 +135,20 @@ def test_a_study_refuses_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(ValueError, match="already holds files this tool did not write"):
         run_study(quick(tmp_path))
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_every_connector_of_the_registry_and_its_variants_get_their_own_colour_and_marker(tmp_path):
+    from PIL import Image
+
+    from cvlm.modeling import CONNECTORS
+    from cvlm.plot import connector_styles, radar
+
+    styles = connector_styles(["avgpool-output_grid-1", "qformer-num_queries-8"])
+    assert set(CONNECTORS) <= set(styles) and len(styles) == len(CONNECTORS) + 2
+    assert len({s["color"] for s in styles.values()}) == len(styles)
+    assert len({s["marker"] for s in styles.values()}) == len(styles)
+    rows = [{"connector": c, "family": CONNECTORS[c].family, "resolution": res, "seed": seed,
+             "scores": {"coarse": 90.0, "fine": 50.0 + seed, "reasoning": 60.0}} for c in ("mlp", "avgpool")
+            for res in (32, 48, 64) for seed in (0, 1)]
+    one, three = radar(rows[:2], tmp_path / "one.png"), radar(rows, tmp_path / "three.png")
+    assert Image.open(three).size[0] > 2.5 * Image.open(one).size[0]  # one panel per resolution
