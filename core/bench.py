@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cvlm.build import build_model
+from cvlm.files import write_atomic
 from cvlm.trainers.data import load_image
 from cvlm.generate import demo_image
 from cvlm.modeling import CONNECTORS
@@ -203,9 +204,7 @@ def write_results(rows: list[dict], path: str | Path, settings: dict) -> None:
     """results.json, written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
 
 
 def bench_train(steps: int = 20, batch_size: int = 8, image_size: int = 128, vision_width: int = 256,

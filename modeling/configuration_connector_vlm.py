@@ -101,8 +101,10 @@ class ConnectorVLMConfig(PreTrainedConfig):
         num_layers = self.num_encoder_layers
         for index in connector_cls.vision_layers(self.vision_feature_layer, num_layers, **hyper):
             if num_layers is not None and not -(num_layers + 1) <= index <= num_layers:
+                where = (f"connector_config layers={hyper['layers']!r}" if index in (hyper.get("layers") or [])
+                         else f"vision_feature_layer={self.vision_feature_layer!r}")
                 raise ValueError(
-                    f"vision_feature_layer={self.vision_feature_layer!r}: layer {index} does not exist in a vision "
+                    f"{where}: layer {index} does not exist in a vision "
                     f"encoder with {num_layers} layers. Allowed values: {-(num_layers + 1)}..{num_layers} "
                     "(indices into hidden_states: 0 is the embeddings, -1 the last layer)."
                 )

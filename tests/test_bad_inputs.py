@@ -196,6 +196,7 @@ CASES = [
     ("build-image-size-text", "build --image-size big --output {root}/o1", "'big' is not a whole number"),
     ("build-image-size-not-patch", "build --image-size 33 --output {root}/o1", "--image-size 33 is not a multiple of the encoder's patch size 8"),
     ("build-feature-layer", "build --feature-layer 99 --output {root}/o1", "layer 99 does not exist in a vision encoder with 4 layers"),
+    ("build-dense-layers", "build --connector dense_sci --connector-arg layers=[100] --output {root}/o1", "connector_config layers=[100]: layer 100 does not exist in a vision encoder with 4 layers"),
     ("build-full-strategy-pool", "build --connector avgpool --select-strategy full --output {root}/o1", "cannot take the encoder's 1 prefix token"),
     ("build-output-grid", "build --connector avgpool --connector-arg output_grid=99 --output {root}/o1", "is larger than the 4x4 patch grid"),
     ("build-shuffle-scale", "build --connector pixel_shuffle --connector-arg scale=3 --output {root}/o1", "scale"),

@@ -242,7 +242,7 @@ BAD = [
     ("dense_dci", (4, 4), {"groups": 5},
      "connector_config groups=5 is more than the encoder's 4 layers for 'dense_dci': pick groups in 1..4."),
     ("dense_sci", (4, 4), {"layers": [9]},
-     "vision_feature_layer=-2: layer 9 does not exist in a vision encoder with 4 layers. Allowed values: -5..4 "
+     "connector_config layers=[9]: layer 9 does not exist in a vision encoder with 4 layers. Allowed values: -5..4 "
      "(indices into hidden_states: 0 is the embeddings, -1 the last layer)."),
     ("ldp", (4, 4), {"version": 3}, "connector_config version=3 is invalid for 'ldp'. Allowed values: 1, 2."),
     ("qformer", (4, 4), {"hidden_size": 30, "num_heads": 4},

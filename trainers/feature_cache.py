@@ -23,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from cvlm.files import write_atomic  # per-process temp names: processes sharing a cache never share one
+
 logger = logging.getLogger(__name__)
 
 SHARD_SIZE = 256
@@ -51,12 +53,6 @@ def encoder_fingerprint(model, processor) -> str:
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes sharing a cache never share a temp file
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class FeatureCache:
@@ -131,7 +127,7 @@ class FeatureCache:
             save_file(tensors, str(tmp))
             os.replace(tmp, self.dir / shard)
             self.index.update({digest: shard for digest in tensors})
-            _atomic_write_text(self.dir / "manifest.json", json.dumps(
+            write_atomic(self.dir / "manifest.json", json.dumps(
                 {"fingerprint": self.fingerprint, "shape": self.shape, "index": self.index}))
             shard_number += 1
         tower.to(home)
