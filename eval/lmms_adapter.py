@@ -25,13 +25,14 @@ class ConnectorVLMHarness:
     (context, gen_kwargs | doc_to_target, doc_to_visual, doc_id, task, split)."""
 
     def __init__(self, pretrained: str, device: str | None = None, dtype: str = "float32", batch_size: int = 1,
-                 max_new_tokens: int = 32, **kwargs):
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+                 max_new_tokens: int = 32, trust_remote_code: bool = False, **kwargs):
+        from cvlm.loading import load_checkpoint
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            pretrained, trust_remote_code=True, dtype=getattr(torch, dtype)).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
+        # this family through the installed classes; other models run their own code only when asked
+        model, self.processor = load_checkpoint(pretrained, str(trust_remote_code).lower() == "true",
+                                                dtype=getattr(torch, dtype))
+        self.model = model.to(self.device).eval()
         self.batch_size_per_gpu, self.max_new_tokens = int(batch_size), int(max_new_tokens)
         self.task_dict = getattr(self, "task_dict", {})
 
