@@ -104,7 +104,8 @@ def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_s
 
 
 # ---- the study's quiet timing phase ------------------------------------------------------------------
-def _timing_case(label: str, checkpoint: str, train_data: str, question: str, batch_size: int) -> dict:
+def _timing_case(label: str, checkpoint: str, train_data: str, question: str, batch_size: int,
+                 image_folder: str | None = None) -> dict:
     """A trained checkpoint with what one training step and one prefill take as inputs: a batch of the
     study's own training samples (encoder features precomputed, as the feature cache gives them during
     training) and one picture with a question."""
@@ -117,7 +118,7 @@ def _timing_case(label: str, checkpoint: str, train_data: str, question: str, ba
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = ConnectorVLMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).to(device)
     processor = load_processor(checkpoint)
-    records = [r for r in read_records(train_data) if r.get("image")][:batch_size]
+    records = [r for r in read_records(train_data, image_folder) if r.get("image")][:batch_size]
     batch = Collator(processor)([SupervisedDataset(tokenize_all(records, processor, 2048))[i] for i in range(len(records))])
     batch = {k: v.to(device) for k, v in batch.items()}
     with torch.no_grad():
@@ -166,7 +167,7 @@ def time_checkpoints(cases: list[dict], rounds: int = 10, warmup: int = 2, batch
     machine's drifts hit all alike; medians over the rounds, with analytic FLOPs (torch's FLOP counter)
     and visual tokens beside them. Call it with nothing else running."""
     built = [{**case, **_timing_case(case["label"], case["checkpoint"], case["train_data"], case["question"],
-                                     batch_size)} for case in cases]
+                                     batch_size, case.get("image_folder"))} for case in cases]
     for round_index in range(warmup + rounds):
         for case in built:
             for name in ("train_step", "prefill"):
@@ -176,7 +177,7 @@ def time_checkpoints(cases: list[dict], rounds: int = 10, warmup: int = 2, batch
     rows = []
     for case in built:
         row = {k: v for k, v in case.items() if k not in ("model", "device", "train_step", "prefill", "times",
-                                                           "checkpoint", "train_data", "question")}
+                                                           "checkpoint", "train_data", "question", "image_folder")}
         row["train_step_ms"] = 1e3 * statistics.median(case["times"]["train_step"])
         row["prefill_ms"] = 1e3 * statistics.median(case["times"]["prefill"])
         rows.append(row)

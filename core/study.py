@@ -386,9 +386,15 @@ def quiet_timing(root: Path, rows: list[dict], config: StudyConfig) -> list[dict
         else:
             train, question = _synthetic(root, r["resolution"], config)["train"], "What colour is the small square?"
         cases.append({"label": r["connector"], "family": r["family"], "resolution": r["resolution"],
-                      "checkpoint": r["checkpoint"], "train_data": train, "question": question})
+                      "checkpoint": r["checkpoint"], "train_data": train, "question": question,
+                      "image_folder": config.image_folder if config.benchmarks else None})
     print(f"cvlm study: timing {len(cases)} checkpoints in interleaved rounds (nothing else running)")
-    return time_checkpoints(cases, batch_size=config.batch_size)
+    try:
+        return time_checkpoints(cases, batch_size=config.batch_size)
+    except Exception as error:  # noqa: BLE001 - the runs stand; the speed verdict falls back to their timings
+        print(f"cvlm study: the timing phase failed ({type(error).__name__}: {error}); the speed verdict uses the "
+              "runs' own timings")
+        return []
 
 
 def _granularity_means(subtask_scores: dict, mapping: dict) -> dict:
