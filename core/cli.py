@@ -266,6 +266,15 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _bench_size_flags(p, image_size: int) -> None:
+    """The model size of `cvlm bench train` and `bench overhead`: tiny presets resized to it."""
+    p.add_argument("--image-size", "--image_size", type=PIXELS, default=image_size)
+    p.add_argument("--vision-width", "--vision_width", type=COUNT, default=256)
+    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, default=6)
+    p.add_argument("--llm-width", "--llm_width", type=COUNT, default=512)
+    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, default=4)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -414,20 +423,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("train", help="training samples/s: feature cache on/off, LoRA vs full LM")
     p.add_argument("--steps", type=COUNT, default=20)
     p.add_argument("--batch-size", "--batch_size", type=COUNT, default=8)
-    p.add_argument("--image-size", "--image_size", type=PIXELS, default=128)
-    p.add_argument("--vision-width", "--vision_width", type=COUNT, default=256)
-    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, default=6)
-    p.add_argument("--llm-width", "--llm_width", type=COUNT, default=512)
-    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, default=4)
+    _bench_size_flags(p, image_size=128)
     p.add_argument("--repeats", type=COUNT, default=2)
     p.set_defaults(func=_cmd_bench_train)
 
     p = bench.add_parser("overhead", help="our model vs transformers' LlavaForConditionalGeneration, same weights")
-    p.add_argument("--image-size", "--image_size", type=PIXELS, default=192)
-    p.add_argument("--vision-width", "--vision_width", type=COUNT, default=256)
-    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, default=6)
-    p.add_argument("--llm-width", "--llm_width", type=COUNT, default=512)
-    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, default=4)
+    _bench_size_flags(p, image_size=192)
     p.add_argument("--new-tokens", "--new_tokens", type=COUNT, default=16)
     p.add_argument("--repeats", type=COUNT, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

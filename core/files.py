@@ -147,9 +147,12 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def path_digest(path: str | os.PathLike, patterns: tuple[str, ...] = ("*",), recursive: bool = True) -> str:
-    """sha256 of a file, or of a folder's files matching `patterns` (relative names and contents, in
-    name order); for a name that is not on disk (a Hub id), of the name itself."""
+def path_digest(path: str | os.PathLike, patterns: tuple[str, ...] = ("*",), recursive: bool = True,
+                contents: bool = False) -> str:
+    """sha256 of a file's bytes; of a folder's files matching `patterns` in name order, by relative name,
+    size and modification time (`contents`: by their bytes, for small folders such as a checkpoint's —
+    an image folder of a real data set is far too large to read at every start); for a name that is not
+    on disk (a Hub id), of the name itself."""
     path = Path(path)
     if path.is_file():
         return file_digest(path)
@@ -161,7 +164,9 @@ def path_digest(path: str | os.PathLike, patterns: tuple[str, ...] = ("*",), rec
     files = sorted({p for pattern in patterns for p in find(pattern) if p.is_file()
                     and not any(part.startswith(".") for part in p.relative_to(path).parts)})
     for file in files:
-        digest.update(str(file.relative_to(path)).encode() + b"\0" + file_digest(file).encode())
+        stat = file.stat()
+        identity = file_digest(file) if contents else f"{stat.st_size}:{stat.st_mtime_ns}"
+        digest.update(str(file.relative_to(path)).encode() + b"\0" + identity.encode())
     return digest.hexdigest()
 
 
@@ -169,7 +174,7 @@ def model_digest(model_id: str | os.PathLike) -> str:
     """What identifies a checkpoint's answers: its config, weights, generation config and processor files."""
     return path_digest(model_id, ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
                                   "processor_config.json", "preprocessor_config.json", "tokenizer*.json",
-                                  "chat_template.jinja", "special_tokens_map.json"), recursive=False)
+                                  "chat_template.jinja", "special_tokens_map.json"), recursive=False, contents=True)
 
 
 def settings_digest(settings: dict) -> str:

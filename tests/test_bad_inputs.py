@@ -532,3 +532,24 @@ def test_a_study_worker_dies_with_its_killed_parent(tmp_path):
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the worker outlived its killed parent")
+
+
+def test_fingerprints_see_a_changed_data_folder_and_a_checkpoint_changed_in_place(tmp_path):
+    from cvlm.files import model_digest, path_digest
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"one")
+    before = path_digest(folder)
+    (folder / "b.png").write_bytes(b"two")
+    assert path_digest(folder) != before
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text("{}")
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(b"aaaa")
+    stamp = weights.stat().st_mtime_ns
+    first = model_digest(checkpoint)
+    weights.write_bytes(b"bbbb")  # same size and, below, the same time: only the bytes tell
+    os.utime(weights, ns=(stamp, stamp))
+    assert model_digest(checkpoint) != first
