@@ -41,15 +41,23 @@ def per_question(rows: list[dict], granularities) -> dict[int, dict[str, tuple[s
     return {seed: {q: (g, statistics.fmean(v)) for q, (g, v) in table.items()} for seed, table in by_seed.items()}
 
 
-def differences(a: list[dict], b: list[dict], granularities) -> dict[str, dict[int, float]]:
+def differences(a: list[dict], b: list[dict], granularities) -> dict[str, dict[str, dict[int, float]]]:
     """granularity -> question -> seed -> (share right in `a`) - (share right in `b`), in points, over the
     seeds and questions both groups have."""
-    qa, qb = per_question(a, granularities), per_question(b, granularities)
+    return contrast_values([(1.0, a), (-1.0, b)], granularities)
+
+
+def contrast_values(terms: list[tuple[float, list[dict]]], granularities) -> dict[str, dict[str, dict[int, float]]]:
+    """granularity -> question -> seed -> the weighted sum of the groups' shares right, in points, over the
+    seeds and questions every group has. [(1, a), (-1, b)] is a - b; [(2, b), (-1, a), (-1, c)] is how much
+    the step from a to b gains more than the step from b to c."""
+    tables = [(weight, per_question(rows, granularities)) for weight, rows in terms]
+    seeds = set.intersection(*(set(table) for _, table in tables))
     out: dict[str, dict[str, dict[int, float]]] = {}
-    for seed in sorted(set(qa) & set(qb)):
-        for question in sorted(set(qa[seed]) & set(qb[seed])):
-            granularity = qa[seed][question][0]
-            value = 100 * (qa[seed][question][1] - qb[seed][question][1])
+    for seed in sorted(seeds):
+        for question in sorted(set.intersection(*(set(table[seed]) for _, table in tables))):
+            granularity = tables[0][1][seed][question][0]
+            value = 100 * sum(weight * table[seed][question][1] for weight, table in tables)
             out.setdefault(granularity, {}).setdefault(question, {})[seed] = value
     return out
 
@@ -66,7 +74,12 @@ def _statistic(diffs: dict[str, dict[str, dict[int, float]]], seeds: list[int], 
 def compare(a: list[dict], b: list[dict], granularities, seed: int = 0) -> dict:
     """The difference a - b in points (macro over `granularities`), its 95 % and 90 % bootstrap intervals,
     the sign-flip p-value, the equivalence test and the questions a 5-point difference needs."""
-    diffs = differences(a, b, granularities)
+    return contrast([(1.0, a), (-1.0, b)], granularities, seed)
+
+
+def contrast(terms: list[tuple[float, list[dict]]], granularities, seed: int = 0) -> dict:
+    """`compare` for any weighted sum of groups (see `contrast_values`)."""
+    diffs = contrast_values(terms, granularities)
     if not diffs:
         return {"n_questions": 0, "difference": float("nan")}
     seeds = sorted({s for questions in diffs.values() for per_seed in questions.values() for s in per_seed})

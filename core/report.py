@@ -15,7 +15,7 @@ import math
 import statistics
 from pathlib import Path
 
-from cvlm.paired import EQUIVALENCE_MARGIN, compare, describe
+from cvlm.paired import EQUIVALENCE_MARGIN, compare, contrast, describe
 from cvlm.files import write_atomic
 
 GRANULARITIES = ("coarse", "fine", "reasoning")
@@ -252,12 +252,33 @@ def claim_ranking(rows: list[dict]) -> dict:
 
 
 def claim_resolution(rows: list[dict]) -> dict:
+    claim = "Returns diminish with resolution."
     resolutions = sorted({r["resolution"] for r in rows})
     if len(resolutions) < 3:
-        return {"claim": "Returns diminish with resolution.", "verdict": "inconclusive",
-                "evidence": f"needs 3 resolutions, the study has {len(resolutions)}"}
+        return {"claim": claim, "verdict": "inconclusive", "evidence": f"needs 3 resolutions, the study has {len(resolutions)}"}
+    low, mid, high = ([r for r in rows if r["resolution"] == res] for res in resolutions[:3])
+    sizes = ", ".join(map(str, resolutions[:3]))
     key = lambda r: statistics.fmean(r["scores"][g] for g in GRANULARITIES)  # noqa: E731
-    means = [_mean_sd(_seed_means([r for r in rows if r["resolution"] == res], key))[0] for res in resolutions[:3]]
+    means = [_mean_sd(_seed_means(group, key))[0] for group in (low, mid, high)]
+    scores = f"mean score at {sizes} px: {', '.join(f'{m:.1f}' for m in means)} %"
+    if _has_questions(rows):
+        # the same question index at each size asks the same kind of question about a picture drawn at that size
+        first, second = compare(mid, low, GRANULARITIES), compare(high, mid, GRANULARITIES)
+        shrink = contrast([(2.0, mid), (-1.0, low), (-1.0, high)], GRANULARITIES)
+        if not all(r.get("n_questions") for r in (first, second, shrink)):
+            verdict = "inconclusive"
+        elif first["ci95"][0] > 0 and shrink["ci95"][0] > 0:
+            verdict = "reproduced"  # the first step gains, and the second gains less
+        elif first["ci95"][1] < 0 or shrink["ci95"][1] < 0 or (first["equivalent"] and second["equivalent"]):
+            verdict = "not reproduced"  # resolution costs, the gains grow, or there are none to diminish
+        else:
+            verdict = "inconclusive"
+        names = resolutions[:3]
+        return {"claim": claim, "verdict": verdict,
+                "statistics": {"first_gain": first, "second_gain": second, "gain_shrinks_by": shrink},
+                "evidence": "; ".join([scores, describe(first, f"{names[1]} - {names[0]} px"),
+                                       describe(second, f"{names[2]} - {names[1]} px"),
+                                       describe(shrink, "first gain - second gain")])}
     first, second = means[1] - means[0], means[2] - means[1]
     margin = margin_for(rows, key)
     if first > margin and first - second > margin:
@@ -266,14 +287,13 @@ def claim_resolution(rows: list[dict]) -> dict:
         verdict = "not reproduced"
     else:
         verdict = "inconclusive"
-    return {"claim": "Returns diminish with resolution.", "verdict": verdict,
-            "evidence": f"mean score at {', '.join(map(str, resolutions[:3]))} px: "
-                        f"{', '.join(f'{m:.1f}' for m in means)} % (gains {first:+.1f} then {second:+.1f}, "
-                        f"{_margin(margin)})"}
+    return {"claim": claim, "verdict": verdict,
+            "evidence": f"{scores} (gains {first:+.1f} then {second:+.1f}, {_margin(margin)})"}
 
 
 CLAIMS = (claim_fine_grained, claim_comparable, claim_faster, claim_ranking, claim_resolution)
-LEARNT_MARGIN = 15.0  # percentage points above chance that the best connector must reach for "learnt"
+BLIND_MARGIN = 5.0  # percentage points: a blind model (grey pictures) further from chance means text gives answers away
+LEARNT_MARGIN = 30.0  # percentage points above chance that the best connector must reach for "learnt"
 USES = {claim_fine_grained: ("fine",), claim_comparable: ("coarse", "reasoning"), claim_ranking: GRANULARITIES,
         claim_resolution: GRANULARITIES}
 
@@ -323,6 +343,29 @@ def _learnability(state: dict) -> str:
             + "; ".join(parts) + ". A claim that rests on a granularity no connector learnt is inconclusive.")
 
 
+def _subtask_table(rows: list[dict]) -> list[str]:
+    """The synthetic benchmark per subtask: what it needs from the picture and each family's mean score
+    per resolution (over its connectors and seeds)."""
+    from cvlm.eval.synthetic import NEEDS, SUBTASKS
+
+    resolutions = sorted({r["resolution"] for r in rows})
+    families = [f for f in ("preserving", "compressing") if any(r["family"] == f for r in rows)]
+    header = [f"{f} {res} px" for f in families for res in resolutions]
+    lines = ["Per subtask (% right, mean over each family's connectors and seeds):", "",
+             "| subtask | granularity | needs from the picture | " + " | ".join(header) + " |",
+             "|---|---|---|" + "---|" * len(header)]
+    for subtask, granularity in SUBTASKS.items():
+        cells = []
+        for family in families:
+            for res in resolutions:
+                values = [v for r in rows if r["family"] == family and r["resolution"] == res
+                          for scores in r.get("subtasks", {}).values() for k, v in scores.items()
+                          if k.split("/", 1)[-1] == subtask]
+                cells.append(f"{statistics.fmean(values):.1f}" if values else "-")
+        lines.append(f"| {subtask} | {granularity} | {NEEDS[subtask]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(root: Path, result: dict) -> None:
     from cvlm.plot import study_plots
 
@@ -351,6 +394,14 @@ def write_report(root: Path, result: dict) -> None:
             lines.append(f"| blind: {blind['run']} over grey pictures | - | - | - | "
                          + " | ".join(f"{blind['scores'][g]:.1f}" for g in GRANULARITIES) + " | - | - | - |")
         lines += ["", _learnability(result["baselines"]["learnt"])]
+        if blind:
+            off = {g: blind["scores"][g] - chance[g] for g in GRANULARITIES}
+            worst = max(off, key=lambda g: abs(off[g]))
+            lines[-1] += (f" Blind baseline within chance ± {BLIND_MARGIN:.0f}: "
+                          + ("yes" if abs(off[worst]) <= BLIND_MARGIN else f"no ({worst} {off[worst]:+.1f}: the "
+                             "questions can be answered without the picture)")
+                          + f" (largest gap: {worst} {off[worst]:+.1f} points).")
+        lines += ["", *_subtask_table(rows)]
     if result.get("timing"):
         lines += ["", "Speed, measured apart from training (interleaved rounds in one process, nothing else running; "
                   "median ms; FLOPs counted by torch):", "",

@@ -33,6 +33,16 @@ SUBTASKS = {
     "object_colour": "fine", "object_location": "fine", "count": "fine", "digit": "fine",
     "left_of": "reasoning", "more": "reasoning", "larger": "reasoning",
 }
+# What each subtask needs from the picture, by construction (small objects sit one per 8-px cell, a
+# patch of the tiny encoders): a connector that merges neighbouring cells into one token keeps the
+# whole-picture answers and mixes the rest.
+NEEDS = {
+    "background_colour": "the whole picture", "shading": "the whole picture", "brightness": "the whole picture",
+    "object_colour": "one cell (the square's colour, among distractors)",
+    "object_location": "one cell (where the square is)", "count": "several cells (every small circle)",
+    "digit": "one cell (a 3x5 glyph inside it)", "left_of": "two cells (where each square is)",
+    "more": "several cells (every circle and square)", "larger": "two blocks (a one-cell and a 2x2-cell object)",
+}
 # MMBench-style ability names / L2 groups for the TSV split
 L2 = {"coarse": "coarse_perception", "fine": "finegrained_perception (instance-level)", "reasoning": "relation_reasoning"}
 

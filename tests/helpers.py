@@ -30,9 +30,12 @@ def model_inputs(processor, questions=("What colour is the square?",), colours=(
 
 
 def greedy_no_cache(model, inputs, max_new_tokens: int) -> torch.Tensor:
-    """Reference decoder: re-runs the whole sequence (image included) each step, no KV cache."""
+    """Reference decoder: re-runs the whole sequence (image included) each step, no KV cache. Like
+    generate(..., min_new_tokens=max_new_tokens), it never ends early: the end-of-sequence tokens are
+    suppressed too."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    suppressed = list(model.generation_config.suppress_tokens or [])
+    eos = model.generation_config.eos_token_id
+    suppressed = list(model.generation_config.suppress_tokens or []) + ([eos] if isinstance(eos, int) else list(eos or []))
     for _ in range(max_new_tokens):
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"], use_cache=False).logits

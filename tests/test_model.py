@@ -83,7 +83,8 @@ def test_bf16_logits_close_to_fp32(saved, built):
         model = AutoModelForImageTextToText.from_pretrained(saved, trust_remote_code=True, dtype=dtype).eval()
         with torch.no_grad():
             logits[dtype] = model(**inputs).logits.float()
-    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.05, rtol=0.05)
+    # logits of a few units (the tiny LM starts at std 1/sqrt(width)): bf16's 8-bit mantissa leaves ~0.1
+    torch.testing.assert_close(logits[torch.bfloat16], logits[torch.float32], atol=0.1, rtol=0.05)
 
 
 def test_sdpa_and_eager_agree(saved, built):

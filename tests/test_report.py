@@ -84,8 +84,11 @@ def test_one_seed_leaves_score_claims_inconclusive():
 
 def test_a_claim_on_a_granularity_no_connector_learnt_is_inconclusive():
     chance = {"coarse": 36.1, "fine": 25.0, "reasoning": 50.0}
-    learnt_all = {v["claim"]: v["verdict"] for v in verdicts(rows(PAPER_LIKE), chance)}
-    assert learnt_all == {v["claim"]: v["verdict"] for v in verdicts(rows(PAPER_LIKE))}  # all learnt: no change
+    well_learnt = {k: (c, f, r + 15) for k, (c, f, r) in PAPER_LIKE.items()}  # best reasoning 86 vs chance 50
+    learnt_all = {v["claim"]: v["verdict"] for v in verdicts(rows(well_learnt), chance)}
+    assert learnt_all == {v["claim"]: v["verdict"] for v in verdicts(rows(well_learnt))}  # all learnt: no change
+    barely = {v["claim"]: v["verdict"] for v in verdicts(rows(PAPER_LIKE), chance)}  # reasoning 71.5: 21.5 above
+    assert barely["Compressing connectors are comparable on coarse-grained perception and reasoning."] == "inconclusive"
     # fine and reasoning at chance for everyone: the small differences there are noise, not findings
     at_chance = {"mlp": (90, 31, 52), "linear": (88, 30, 51), "avgpool": (89, 25, 50), "cabstractor": (90, 24, 50),
                  "qformer": (85, 25, 49)}
@@ -95,7 +98,7 @@ def test_a_claim_on_a_granularity_no_connector_learnt_is_inconclusive():
     result = {v["claim"]: v for v in verdicts(rows(at_chance), chance)}
     assert result[fine_claim]["verdict"] == "inconclusive"  # ...but 31 vs chance 25 is not learnt
     assert result[fine_claim]["evidence"].startswith(
-        "no connector learnt fine (best 31.0 vs chance 25.0, 15 points above chance needed); fine-grained: preserving")
+        "no connector learnt fine (best 31.0 vs chance 25.0, 30 points above chance needed); fine-grained: preserving")
     comparable = result["Compressing connectors are comparable on coarse-grained perception and reasoning."]
     assert comparable["verdict"] == "inconclusive" and "no connector learnt reasoning" in comparable["evidence"]
     assert result["Compressing connectors train and answer faster."]["verdict"] == "reproduced"  # no score involved
@@ -174,3 +177,22 @@ def test_the_speed_verdict_comes_from_the_quiet_timing_phase():
                            "avgpool": {"coarse": 0.9, "fine": 0.3, "reasoning": 0.8}})
     by_claim = {v["claim"]: v for v in verdicts(rows_, timing=timing(60.0, 30.0))}
     assert "quiet timing phase" in by_claim["Compressing connectors train and answer faster."]["evidence"]
+
+
+def test_the_resolution_verdict_comes_from_paired_intervals_of_the_two_gains():
+    def at(shares_by_resolution, n=40):
+        return [row for resolution, share in shares_by_resolution.items()
+                for row in question_rows({"mlp": {g: share for g in ("coarse", "fine", "reasoning")}}, n=n,
+                                         resolutions=(resolution,))]
+
+    claim = "Returns diminish with resolution."
+    shrinking = {v["claim"]: v for v in verdicts(at({32: 0.4, 48: 0.8, 64: 0.85}))}[claim]
+    assert shrinking["verdict"] == "reproduced"
+    assert shrinking["evidence"].startswith("mean score at 32, 48, 64 px: 40.0, 80.0, 85.0 %; 48 - 32 px: +40.0 points")
+    assert "first gain - second gain: +35.0 points" in shrinking["evidence"]
+    growing = {v["claim"]: v for v in verdicts(at({32: 0.4, 48: 0.45, 64: 0.9}))}[claim]
+    assert growing["verdict"] == "not reproduced"  # the second step gains more than the first
+    flat = {v["claim"]: v for v in verdicts(at({32: 0.5, 48: 0.5, 64: 0.5}))}[claim]
+    assert flat["verdict"] == "not reproduced"  # no gain to diminish: both steps within the equivalence margin
+    few = {v["claim"]: v for v in verdicts(at({32: 0.5, 48: 0.6, 64: 0.65}, n=10))}[claim]
+    assert few["verdict"] == "inconclusive"  # 10 questions per granularity: the intervals straddle zero

@@ -150,15 +150,15 @@ def test_truncation_skips_samples_it_would_cut_through_and_counts_them(built, tm
     from cvlm.trainers.data import DataError
 
     _, processor = built()
-    records = read_records(make_llava_data(tmp_path, n=4, text_only=1))  # lengths 70, 44, 45, 70 and 28
-    samples = tokenize_all(records, processor, max_length=64)  # multi-turn ones lose their second turn only
-    assert [len(s.input_ids) for s in samples] == [64, 44, 45, 64, 28]
+    records = read_records(make_llava_data(tmp_path, n=4, text_only=1))  # lengths 51, 34, 34, 51 and 18
+    samples = tokenize_all(records, processor, max_length=40)  # multi-turn ones lose their second turn only
+    assert [len(s.input_ids) for s in samples] == [40, 34, 34, 40, 18]
     with caplog.at_level("WARNING"):
         samples = tokenize_all(records, processor, max_length=30)  # every image answer would be cut off
     assert [s.id for s in samples] == ["text-0"]
     assert "Skipped 4 of 5 samples: at --model_max_length 30" in caplog.text
-    with pytest.raises(DataError, match=r"No sample is left to train on \(5 skipped by truncation at 20 tokens\)"):
-        tokenize_all(records, processor, max_length=20)  # cuts through the image tokens (positions 5..20)
+    with pytest.raises(DataError, match=r"No sample is left to train on \(5 skipped by truncation at 14 tokens\)"):
+        tokenize_all(records, processor, max_length=14)  # cuts through the image tokens (positions 3..18)
 
 
 # ---- bad input: one clear line naming the record / path and the fix ---------------------------------------
