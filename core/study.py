@@ -428,11 +428,19 @@ def _baselines(root: Path, rows: list[dict]) -> dict:
 
 
 def _keep_checkpoints(root: Path, rows: list[dict], config: StudyConfig) -> None:
-    """One Hub-ready checkpoint per connector: the largest resolution, the first seed."""
-    largest, first = max(config.resolutions), min(config.seeds)
+    """One Hub-ready checkpoint per connector: the first seed's run at the image size where that connector
+    scored best (its mean over the granularities; the larger size on a tie), so the Space shows each
+    connector at its best."""
+    first = min(config.seeds)
+    best: dict[str, dict] = {}
     for row in rows:
-        if row["resolution"] == largest and row["seed"] == first:
-            target = root / "checkpoints" / row["connector"]
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(row["checkpoint"], target, ignore=shutil.ignore_patterns("checkpoint-*", "adapter"))
+        if row["seed"] != first:
+            continue
+        score = (statistics.fmean(v or 0 for v in row["scores"].values()), row["resolution"])
+        if row["connector"] not in best or score > best[row["connector"]][0]:
+            best[row["connector"]] = (score, row)
+    for connector, (_, row) in best.items():
+        target = root / "checkpoints" / connector
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(row["checkpoint"], target, ignore=shutil.ignore_patterns("checkpoint-*", "adapter"))

@@ -147,3 +147,20 @@ def test_every_connector_of_the_registry_and_its_variants_get_their_own_colour_a
             for res in (32, 48, 64) for seed in (0, 1)]
     one, three = radar(rows[:2], tmp_path / "one.png"), radar(rows, tmp_path / "three.png")
     assert Image.open(three).size[0] > 2.5 * Image.open(one).size[0]  # one panel per resolution
+
+
+def test_each_connector_keeps_its_checkpoint_at_the_size_it_answered_best(tmp_path):
+    from cvlm.study import _keep_checkpoints
+
+    rows = []
+    for connector, scores in {"mlp": {32: 90.0, 48: 70.0, 64: 60.0}, "avgpool": {32: 50.0, 48: 50.0, 64: 40.0}}.items():
+        for resolution, score in scores.items():
+            for seed in (0, 1):
+                folder = tmp_path / "runs" / f"{connector}-{resolution}-{seed}"
+                folder.mkdir(parents=True)
+                (folder / "which.txt").write_text(f"{resolution}-{seed}")
+                rows.append({"connector": connector, "resolution": resolution, "seed": seed, "checkpoint": str(folder),
+                             "scores": {"coarse": score, "fine": score - 10 * seed, "reasoning": score}})
+    _keep_checkpoints(tmp_path, rows, StudyConfig(output=str(tmp_path), resolutions=[32, 48, 64], seeds=[0, 1]))
+    assert (tmp_path / "checkpoints" / "mlp" / "which.txt").read_text() == "32-0"
+    assert (tmp_path / "checkpoints" / "avgpool" / "which.txt").read_text() == "48-0"  # a tie: the larger size
