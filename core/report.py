@@ -255,7 +255,8 @@ def claim_resolution(rows: list[dict]) -> dict:
     claim = "Returns diminish with resolution."
     resolutions = sorted({r["resolution"] for r in rows})
     if len(resolutions) < 3:
-        return {"claim": claim, "verdict": "inconclusive", "evidence": f"needs 3 resolutions, the study has {len(resolutions)}"}
+        return {"claim": claim, "verdict": "inconclusive",
+                "evidence": f"needs 3 resolutions, the study has {len(resolutions)}"}
     low, mid, high = ([r for r in rows if r["resolution"] == res] for res in resolutions[:3])
     sizes = ", ".join(map(str, resolutions[:3]))
     key = lambda r: statistics.fmean(r["scores"][g] for g in GRANULARITIES)  # noqa: E731
@@ -366,6 +367,27 @@ def _subtask_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _setup(config: dict) -> list[str]:
+    """What every run was built and trained with, including what makes a from-scratch preset LM learn:
+    it applies to every connector alike."""
+    if not config:
+        return []
+    from cvlm.presets import LM_PRESETS, VISION_PRESETS
+
+    vision, llm = config["vision"], config["llm"]
+    if vision in VISION_PRESETS:
+        steps = config.get("pretrain_encoder_steps")
+        trained = f"pre-trained {steps} steps on synthetic pictures" if steps else "random"
+        vision += f" (width {config['vision_width']}, {trained}, then frozen)"
+    if llm in LM_PRESETS:
+        llm += (f" (from scratch: width {config['llm_width']}, {config['llm_layers']} layers, weights initialised at "
+                "standard deviation 1/sqrt(width), a tokenizer in which each of the benchmark's answers is one token)")
+    tuned = "the whole LM" if config.get("lm_full") else f"LoRA r={config['lora_r']} alpha={config['lora_alpha']}"
+    return [f"Setup, the same for every connector: {vision} -> connector -> {llm}; align {config['align_steps']} steps "
+            f"at {config['align_lr']:g} (connector only), finetune {config['finetune_steps']} steps at "
+            f"{config['finetune_lr']:g} (connector + {tuned}), batch {config['batch_size']}.", ""]
+
+
 def write_report(root: Path, result: dict) -> None:
     from cvlm.plot import study_plots
 
@@ -376,7 +398,7 @@ def write_report(root: Path, result: dict) -> None:
     lines = ["# cvlm study: to preserve or to compress?", "",
              f"{len(rows)} runs ({len(result['failures'])} failed); scores in % (mean ± std over seeds); the "
              "training-run timings (train s, samples/s, prefill ms) were taken while runs shared the cores and are "
-             "information only.", "",
+             "information only.", "", *_setup(result.get("config") or {}),
              "| connector | family | resolution | Q | coarse | fine | reasoning | train s | samples/s | prefill ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for (connector, resolution), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):

@@ -12,6 +12,7 @@ from transformers.modeling_outputs import (
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_connector_vlm import ConnectorVLMConfig
 from .connector_base import Connector
@@ -60,6 +61,11 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
     def select_vision_features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's hidden states of the layers the connector reads, prefix tokens removed under
         the "default" strategy: a list of [B, N, C] tensors."""
+        return self._encode(pixel_values)[1]
+
+    def _encode(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None):
+        """(the vision tower's output, the selected [B, N, C] hidden states the connector reads)."""
         config = self.config
         expected = config.vision_image_size
         if tuple(pixel_values.shape[-2:]) != expected:
@@ -70,8 +76,10 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         layers = config.connector_vision_layers
         # A list asks transformers to keep only those hidden states (the others come back as None);
         # encoders that take a plain flag treat it as True and keep them all.
-        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype), output_hidden_states=list(layers),
-                                    return_dict=True)
+        extra = {"output_attentions": True} if output_attentions else {}
+        outputs = self.vision_tower(pixel_values.to(self.vision_tower.dtype),
+                                    output_hidden_states=True if output_hidden_states else list(layers),
+                                    return_dict=True, **extra)
         selected = [outputs.hidden_states[i] for i in layers]
         grid_h, grid_w = config.vision_grid
         num_patches, num_prefix = grid_h * grid_w, config.num_vision_prefix_tokens
@@ -84,26 +92,37 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
             )
         if config.vision_feature_select_strategy == "default" and num_prefix:
             selected = [h[:, num_prefix:] for h in selected]  # [B, prefix + P, C] -> [B, P, C]
-        return selected
+        return outputs, selected
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None, **kwargs
+        self, pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None, output_attentions: bool | None = None, **kwargs
     ) -> ConnectorVLMImageOutput:
-        """Encodes images once; `pooler_output` is a list of per-image [Q, D] connector outputs.
-        `vision_features` ([n_images, n_layers, N, C], what `select_vision_features` returns, stacked)
-        skips the frozen encoder, e.g. when training from a feature cache."""
+        """Encodes images once, as LLaVA does: the vision tower's output (`last_hidden_state`, and its
+        `hidden_states` / `attentions` when asked for) with `pooler_output` the per-image [Q, D] connector
+        outputs. `vision_features` ([n_images, n_layers, N, C], what `select_vision_features` returns,
+        stacked) skips the frozen encoder, e.g. when training from a feature cache: the tower's fields
+        are then empty."""
+        vision = None
         if vision_features is not None:
             selected = list(vision_features.to(self.vision_tower.dtype).unbind(1))
         else:
-            selected = self.select_vision_features(pixel_values)
+            vision, selected = self._encode(pixel_values, output_hidden_states, output_attentions)
         features = self.connector(selected)  # [B, Q, D]
         return ConnectorVLMImageOutput(
-            last_hidden_state=features, pooler_output=list(features), aux_loss=getattr(self.connector, "aux_loss", None)
+            last_hidden_state=None if vision is None else vision.last_hidden_state,
+            hidden_states=vision.hidden_states if vision is not None and output_hidden_states else None,
+            attentions=vision.attentions if vision is not None and output_attentions else None,
+            pooler_output=list(features), aux_loss=getattr(self.connector, "aux_loss", None),
         )
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features: torch.Tensor) -> torch.Tensor:
         """Writes the [n_images * Q, D] features into the <image> positions (one masked_scatter)."""
         image_token_id = self.config.image_token_id
+        if image_token_id is None:
+            raise ValueError("The config has no image_token_id, so no prompt position can take image features: set "
+                             "config.image_token_id to the tokenizer's <image> id (the processor's image_token_id).")
         if input_ids is None:
             image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
             mask = (inputs_embeds == image_embedding).all(-1)
@@ -121,6 +140,7 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         mask = mask.unsqueeze(-1).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -139,18 +159,20 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and (pixel_values is not None or vision_features is not None):
-            image_outputs = self.get_image_features(pixel_values, vision_features)
+            image_outputs = self.get_image_features(pixel_values, vision_features, return_dict=True)
         if image_outputs is not None:
             image_features = torch.cat(list(image_outputs.pooler_output), dim=0)  # n_images x [Q, D] -> [n*Q, D]
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        elif input_ids is not None and cache is None and bool((input_ids == self.config.image_token_id).any()):
+        elif (input_ids is not None and cache is None and self.config.image_token_id is not None
+              and bool((input_ids == self.config.image_token_id).any())):
             raise ValueError(
                 "The prompt has <image> tokens but no pixel_values were given: pass the images the prompt refers to."
             )
         if cache is not None:
             kwargs["cache"] = cache
         outputs = self.language_model(
-            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True,
+            **kwargs,
         )
         return MultimodalBaseModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
@@ -163,6 +185,9 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
 
 class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, GenerationMixin):
     """The full model: `generate` encodes the image once, at prefill, then decodes with the KV cache."""
+
+    # as LLaVA: under tensor parallelism the head's output is gathered, whether or not it is tied to sharded embeddings
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: ConnectorVLMConfig):
         super().__init__(config)
@@ -191,6 +216,7 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
     ) -> ConnectorVLMImageOutput:
         return self.model.get_image_features(pixel_values, vision_features, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -214,6 +240,7 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             vision_features=vision_features,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

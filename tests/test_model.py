@@ -230,3 +230,59 @@ def test_every_auto_class_in_auto_map_loads_the_generation_class(saved, built):
         assert type(loaded).__name__ == "ConnectorVLMForConditionalGeneration", auto.__name__
         with torch.no_grad():
             assert torch.equal(loaded(**inputs).logits, expected), auto.__name__
+
+
+def test_return_dict_false_gives_the_same_outputs_as_a_tuple(built):
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        full = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+        base, base_tuple = model.model(**inputs), model.model(**inputs, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(base_tuple, tuple)
+    assert torch.equal(as_tuple[0], full.logits)  # no labels: the logits come first, as in transformers' models
+    assert torch.equal(base_tuple[0], base.last_hidden_state)
+
+
+def test_a_config_without_image_token_id_runs_text_and_refuses_images(built):
+    import copy
+
+    model, processor = built()
+    model = copy.deepcopy(model)
+    ids = processor.tokenizer("What colour is the square?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        model.config.image_token_id = None
+        assert torch.equal(model(input_ids=ids).logits, expected)  # text needs no image token
+        inputs = model_inputs(processor)
+        with pytest.raises(ValueError, match=r"^The config has no image_token_id, so no prompt position can take image "
+                                             r"features: set config.image_token_id to the tokenizer's <image> id"):
+            model(**inputs)
+
+
+def test_tensor_parallel_plan_of_the_head_is_llavas():
+    from transformers import LlavaForConditionalGeneration
+
+    from cvlm.modeling import ConnectorVLMForConditionalGeneration
+
+    assert ConnectorVLMForConditionalGeneration._tp_plan == LlavaForConditionalGeneration._tp_plan == {
+        "lm_head": "colwise_gather_output"}
+
+
+def test_image_features_follow_llava_the_tower_output_with_the_projection_in_pooler_output(built):
+    model, processor = built()
+    pixel_values = model_inputs(processor)["pixel_values"]
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values)
+        tower = model.model.vision_tower(pixel_values, return_dict=True)
+        asked = model.get_image_features(pixel_values, output_hidden_states=True, output_attentions=True)
+        as_tuple = model.get_image_features(pixel_values, return_dict=False)
+    assert torch.equal(out.last_hidden_state, tower.last_hidden_state)  # the vision tower's, as LLaVA's
+    assert out.hidden_states is None and out.attentions is None  # only when asked for
+    layers = model.config.vision_config.num_hidden_layers
+    assert len(asked.hidden_states) == layers + 1 and asked.attentions is not None
+    assert all(torch.equal(a, b) for a, b in zip(asked.hidden_states, model.model.vision_tower(
+        pixel_values, output_hidden_states=True, return_dict=True).hidden_states))
+    assert tuple(out.pooler_output[0].shape) == (model.config.num_image_tokens, model.config.text_config.hidden_size)
+    assert torch.equal(asked.pooler_output[0], out.pooler_output[0])
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)

@@ -42,7 +42,15 @@ def test_the_output_folder_holds_results_report_plots_and_checkpoints(study):
                                                           "fine": 25.0, "reasoning": 50.0})
     assert set(saved["baselines"]["blind"]["scores"]) == {"coarse", "fine", "reasoning"}
     assert "| chance (one over the options) |" in (root / "report.md").read_text()
-    assert "Learnt at all?" in (root / "report.md").read_text()
+    report = (root / "report.md").read_text()
+    assert "Learnt at all?" in report and "Blind baseline within chance ± 5: " in report
+    # what makes the from-scratch LM learn is said, and it is the same for every connector
+    assert ("Setup, the same for every connector: tiny-clip (width 64, pre-trained 8 steps on synthetic pictures, then "
+            "frozen) -> connector -> tiny-llama (from scratch: width 128, 3 layers, weights initialised at standard "
+            "deviation 1/sqrt(width), a tokenizer in which each of the benchmark's answers is one token); align 6 steps at "
+            "0.001 (connector only), finetune 12 steps at 0.001 (connector + the whole LM), batch 16.") in report
+    # per subtask: what it needs from the picture, next to each family's scores
+    assert "| object_colour | fine | one cell (the square's colour, among distractors) | " in report
     assert all(v["verdict"] in ("reproduced", "not reproduced", "inconclusive") for v in saved["verdicts"])
     for connector in ("mlp", "avgpool", "qformer"):
         assert (root / "checkpoints" / connector / "config.json").exists()
