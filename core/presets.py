@@ -6,6 +6,8 @@ byte-level BPE tokenizer trained here with `tokenizers` on a small fixed corpus 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -55,10 +57,11 @@ def _corpus() -> list[str]:
             lines.append(f"Is there a {colour} {shape} {place} the image? Yes. No. There are {i + j} of them.")
             lines.append(f"Describe the image: a {colour} background with a small {shape} at the {place}.")
     lines += [" ".join(str(n) for n in range(100)), "A. B. C. D. (A) (B) (C) (D) Answer with the option's letter."]
-    return lines + _benchmark_lines()
+    return lines + list(_benchmark_lines())
 
 
-def _benchmark_lines() -> list[str]:
+@functools.cache
+def _benchmark_lines() -> tuple[str, ...]:
     """The synthetic benchmark's questions, answers and ChatML roles, repeated so that BPE merges them:
     each answer and role is then one token (a 40-token training sample becomes ~20; an answer is decided
     by one token instead of spelled out letter by letter)."""
@@ -72,7 +75,7 @@ def _benchmark_lines() -> list[str]:
             item = make_item(subtask, rng, Difficulty(image_size=32, object_size=3))
             questions.update([item.mcq_question, item.yes_question, item.no_question])
             words.update(item.options)
-    return sorted(questions) * 10 + [word for word in sorted(words) for _ in range(30)]
+    return tuple(sorted(questions) * 10 + [word for word in sorted(words) for _ in range(30)])
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -432,7 +432,7 @@ def _keep_checkpoints(root: Path, rows: list[dict], config: StudyConfig) -> None
     scored best (its mean over the granularities; the larger size on a tie), so the Space shows each
     connector at its best."""
     first = min(config.seeds)
-    best: dict[str, dict] = {}
+    best: dict[str, tuple] = {}  # connector -> ((mean score, resolution), row)
     for row in rows:
         if row["seed"] != first:
             continue
