@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def _cmd_eval(args) -> int:
     results = evaluate_model(args.model, args.benchmark, args.data, args.output, limit=args.limit,
                              batch_size=args.batch_size, mode=args.mode, max_new_tokens=args.max_new_tokens,
                              image_folder=args.image_folder, mapping_file=args.mapping, dtype=args.dtype,
-                             overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+                             overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                             update_card=not args.no_card)
     if results is not None:  # the first process of a multi-process run reports
         from pathlib import Path
 
@@ -313,6 +315,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="run the code a non-connector-vlm checkpoint names in its auto_map (read it first)")
     p.add_argument("--mapping", help="your own subtask -> granularity JSON (default: eval/granularity_mapping.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-card", "--no_card", action="store_true",
+                   help="leave a local checkpoint as it is (by default one that cvlm wrote gets the results in its "
+                        "eval_results/ and card)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("convert", help="LLaVA checkpoints in and out of the family")
@@ -444,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     command = argv[0] if argv else "cvlm"
+    _show_notes()
     try:
         if argv[:1] == ["train"]:  # HfArgumentParser owns the flags: every TrainingArguments field works
             from cvlm.trainers.train import main as train_main
@@ -459,6 +465,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cvlm {command}: error: {describe(error)}", file=sys.stderr)
         return 2
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced after the handler is made)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
+def _show_notes() -> None:
+    """The project's notes (what was written where, what was left alone) go to stderr, one line each."""
+    log = logging.getLogger("cvlm")
+    if not log.handlers:
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def describe(error: BaseException) -> str:

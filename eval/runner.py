@@ -10,8 +10,10 @@ share of the questions; the first one merges and scores them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import stat
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from cvlm.files import check_output, model_digest, path_digest, read_json, write
 
 from .loaders import CIRCULAR_OFFSET, LETTERS, Question, load_benchmark
 
+logger = logging.getLogger(__name__)
 METRICS_DIR = Path(__file__).parent / "metrics"
 MAPPING_FILE = Path(__file__).parent / "granularity_mapping.json"
 MODES = ("generate", "likelihood")
@@ -81,51 +84,89 @@ def _parses(line: str) -> bool:
         return False
 
 
-def _messages(question: Question, text: str | None = None) -> list[dict]:
-    content = ([{"type": "image"}] if question.image is not None else []) + [{"type": "text", "text": text or question.prompt}]
-    return [{"role": "user", "content": content}]
+def chat_prompt(processor, text: str, n_images: int) -> str:
+    """The checkpoint's chat template around one user turn: its pictures first, then the text."""
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 @torch.inference_mode()
-def _answer_generate(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
-    texts = [processor.apply_chat_template(_messages(q), add_generation_prompt=True) for q in batch]
-    images = [q.load_image() for q in batch if q.image is not None]
-    inputs = processor(images=images or None, text=texts, padding=True, return_tensors="pt").to(model.device)
+def generate_answers(model, processor, prompts: list[str], images: list, max_new_tokens: int,
+                     stop_strings: list[str] | None = None) -> tuple[list[str], dict]:
+    """Greedy answers to a left-padded batch of chat prompts (`images`: every picture, in prompt order),
+    with the batch's prefill / decode timing. `stop_strings` end an answer and are cut from it."""
+    inputs = processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(model.device)
     clock = _PrefillClock()
     start = time.perf_counter()
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock,
+                            stop_strings=stop_strings or None, tokenizer=processor.tokenizer if stop_strings else None)
     end = time.perf_counter()
     new = output[:, inputs["input_ids"].shape[1]:]
     answers = processor.batch_decode(new, skip_special_tokens=True)
+    for stop in stop_strings or ():
+        answers = [a.split(stop)[0] for a in answers]
     first = clock.first_token or end
     pad = processor.tokenizer.pad_token_id
-    decoded = int((new != pad).sum()) - len(batch)  # tokens after the first, which prefill produced
+    decoded = int((new != pad).sum()) - len(prompts)  # tokens after the first, which prefill produced
     return answers, {"prefill_s": first - start, "decode_s": end - first, "decode_tokens": max(decoded, 0)}
 
 
 @torch.inference_mode()
+def option_loglikelihoods(model, processor, prompts: list[str], images: list[list], options: list[list[str]]
+                          ) -> list[list[tuple[float, bool]]]:
+    """For each prompt (with its pictures) and each of its options: the mean log-likelihood of the option's
+    tokens after the prompt, and whether greedy decoding would produce exactly them. Every picture is
+    encoded once, and every option of every prompt is scored in one right-padded forward (each option
+    sits at the positions it would have alone)."""
+    flat_images = [image for group in images for image in group]
+    inputs = processor(images=flat_images or None, text=prompts, padding=True, return_tensors="pt").to(model.device)
+    prompt_ids = [ids[mask.bool()] for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]  # <image> expanded
+    tokenizer = processor.tokenizer
+    rows, spans, image_of_row = [], [], []
+    for q, question_options in enumerate(options):
+        for ids in tokenizer(list(question_options), add_special_tokens=False)["input_ids"]:
+            if not ids:
+                raise ValueError(f"An option of {question_options!r} has no tokens: every option needs some text to score.")
+            rows.append(torch.cat([prompt_ids[q], torch.tensor(ids, device=model.device)]))
+            spans.append((len(prompt_ids[q]), torch.tensor(ids, device=model.device)))
+            image_of_row.append(q)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long, device=model.device)  # [R, T]
+    attention_mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)], attention_mask[i, : len(row)] = row, 1
+    extra = {}
+    if flat_images:
+        image_outputs = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+        features = list(image_outputs.pooler_output)  # per picture [Q, D]
+        first = [sum(map(len, images[:q])) for q in range(len(images))]  # each prompt's first picture
+        image_outputs.pooler_output = [features[first[q] + k] for q in image_of_row for k in range(len(images[q]))]
+        extra["mm_encoder_outputs"] = {"image": image_outputs}
+    logprobs = model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits.float().log_softmax(-1)
+    results = [[] for _ in options]
+    for i, (start, ids) in enumerate(spans):
+        predicted = logprobs[i, start - 1 : start - 1 + len(ids)]  # position t predicts token t + 1
+        results[image_of_row[i]].append((float(predicted.gather(-1, ids[:, None]).mean()),
+                                         bool((predicted.argmax(-1) == ids).all())))
+    return results
+
+
+def _answer_generate(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
+    prompts = [chat_prompt(processor, q.prompt, int(q.image is not None)) for q in batch]
+    images = [q.load_image() for q in batch if q.image is not None]
+    return generate_answers(model, processor, prompts, images, max_new_tokens)
+
+
 def _answer_likelihood(model, processor, batch: list[Question], max_new_tokens: int) -> tuple[list[str], dict]:
     """Ranks each question's options by the mean log-likelihood of their tokens after the bare question,
-    the options not listed (SEED-Bench's official protocol: the lowest loss wins); the answer is the best
-    option's letter (Yes/No for MME)."""
-    answers, start = [], time.perf_counter()
-    for q in batch:
-        prompt = processor.apply_chat_template(_messages(q, q.question or q.prompt), add_generation_prompt=True)
-        images = [q.load_image()] if q.image is not None else None
-        texts = [prompt + choice for choice in q.choices]
-        inputs = processor(images=images * len(texts) if images else None, text=texts, padding=True,
-                           return_tensors="pt").to(model.device)
-        prompt_len = len(processor(images=images, text=[prompt])["input_ids"][0])
-        logits = model(**inputs).logits.float()
-        logprobs = logits[:, :-1].log_softmax(-1).gather(-1, inputs["input_ids"][:, 1:, None])[..., 0]
-        scores = []
-        for i in range(len(texts)):
-            length = int(inputs["attention_mask"][i].sum())
-            pad_left = inputs["input_ids"].shape[1] - length  # left padding
-            answer_positions = slice(pad_left + prompt_len - 1, None)
-            # the mean over the option's tokens, as SEED-Bench's loss does: a sum would favour short options
-            scores.append(float(logprobs[i, answer_positions].mean()))
-        best = max(range(len(scores)), key=scores.__getitem__)
+    the options not listed (SEED-Bench's official protocol: the lowest loss wins; a sum would favour
+    short options); the answer is the best option's letter (Yes/No for MME)."""
+    start = time.perf_counter()
+    images = [[q.load_image()] if q.image is not None else [] for q in batch]
+    prompts = [chat_prompt(processor, q.question or q.prompt, len(pictures)) for q, pictures in zip(batch, images)]
+    answers = []
+    for q, scored in zip(batch, option_loglikelihoods(model, processor, prompts, images, [q.choices for q in batch])):
+        best = max(range(len(scored)), key=lambda i: scored[i][0])
         answers.append(q.choices[best] if q.benchmark == "mme" else LETTERS[best])
     return answers, {"prefill_s": time.perf_counter() - start, "decode_s": 0.0, "decode_tokens": 0}
 
@@ -246,7 +287,9 @@ def _claim_output(out: Path, fingerprint: dict, overwrite: bool, rank: int) -> N
 def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit: int | None = None,
                    batch_size: int = 8, mode: str = "generate", max_new_tokens: int = 16,
                    image_folder: str | None = None, mapping_file: str | None = None, dtype: str = "float32",
-                   overwrite: bool = False, trust_remote_code: bool = False) -> dict | None:
+                   overwrite: bool = False, trust_remote_code: bool = False, update_card: bool = True) -> dict | None:
+    """Scores `model_id` on a benchmark into `output`; with `update_card`, a local checkpoint this project
+    wrote also gets the results in its eval_results/ and card (see `record_in_checkpoint`)."""
     from cvlm.loading import load_checkpoint
 
     _check_settings(limit, batch_size, max_new_tokens, mode)
@@ -325,13 +368,44 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     }
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out / "results.md", markdown(results))
-    if (Path(model_id) / "config.json").exists():  # a local checkpoint: its card shows the new results
-        from cvlm.model_cards.card import EVAL_DIR, write_card
-
-        (Path(model_id) / EVAL_DIR).mkdir(exist_ok=True)
-        write_atomic(Path(model_id) / EVAL_DIR / f"{benchmark}.json", json.dumps(results, indent=2) + "\n")
-        write_card(model_id)
+    if update_card:
+        record_in_checkpoint(model_id, benchmark, results)
     return results
+
+
+CHECKPOINT_MARKERS = ("cvlm_build.json", "cvlm_training.json", "cvlm_convert.json")  # what cvlm writes in a model folder
+
+
+def _writable(path: Path) -> bool:
+    """Writable by its owner and by us (the mode bits too: for root, os.access says yes to everything)."""
+    return bool(path.stat().st_mode & stat.S_IWUSR) and os.access(path, os.W_OK)
+
+
+def record_in_checkpoint(model_id: str, benchmark: str, results: dict) -> bool:
+    """Writes the results into a local checkpoint's eval_results/<benchmark>.json and rewrites its card,
+    saying so; a Hub id, a folder another tool wrote, a Hub cache snapshot or a read-only folder is
+    left untouched, with a line saying why. True when written."""
+    from cvlm.model_cards.card import EVAL_DIR, write_card
+
+    folder = Path(model_id)
+    if not (folder / "config.json").is_file():
+        return False  # a Hub id: its card is the Hub's
+    reason = None
+    if not any((folder / marker).is_file() for marker in CHECKPOINT_MARKERS):
+        reason = f"it was not written by cvlm (none of {', '.join(CHECKPOINT_MARKERS)})"
+    elif (folder / "config.json").is_symlink():
+        reason = "it is a Hub cache snapshot (its files are links into the cache)"
+    elif not all(_writable(p) for p in (folder, folder / EVAL_DIR, folder / "README.md") if p.exists()):
+        reason = "it is read-only"
+    if reason:
+        logger.warning("Results not recorded in %s: %s. They are in the --output folder.", folder, reason)
+        return False
+    (folder / EVAL_DIR).mkdir(exist_ok=True)
+    write_atomic(folder / EVAL_DIR / f"{benchmark}.json", json.dumps(results, indent=2) + "\n")
+    write_card(model_id)
+    logger.info("Recorded the results in %s and its card %s (--no-card leaves the checkpoint as it was).",
+                folder / EVAL_DIR / f"{benchmark}.json", folder / "README.md")
+    return True
 
 
 def _pct(value) -> str:

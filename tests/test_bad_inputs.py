@@ -414,6 +414,52 @@ def test_push_refuses_to_run_modeling_code_that_is_not_ours(world, tmp_path, cap
     assert "--trust-remote-code" in err and not sentinel.exists()
 
 
+def test_eval_records_results_only_in_checkpoints_cvlm_wrote_and_may_write(world, tmp_path, capsys):
+    """`cvlm eval` says where it recorded the results; --no-card, a folder another tool wrote, a Hub cache
+    snapshot and a read-only folder are left byte for byte as they were, with a line saying why."""
+    root, files = world
+    args = ["--benchmark", "mmbench", "--data", files["tsv"], "--mode", "likelihood", "--limit", "2"]
+
+    def state(folder):
+        return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    mine = tmp_path / "mine"
+    shutil.copytree(files["ckpt"], mine)
+    code, err = run_cli(["eval", "--model", str(mine), *args, "--output", str(tmp_path / "e1")], capsys)
+    assert code == 0 and f"Recorded the results in {mine / 'eval_results' / 'mmbench.json'} and its card" in err
+    assert json.loads((mine / "eval_results" / "mmbench.json").read_text())["num_questions"] == 2
+
+    untouched = tmp_path / "untouched"
+    shutil.copytree(files["ckpt"], untouched)
+    before = state(untouched)
+    code, err = run_cli(["eval", "--model", str(untouched), *args, "--output", str(tmp_path / "e2"), "--no-card"], capsys)
+    assert code == 0 and "Recorded" not in err and state(untouched) == before
+
+    for marker in ("cvlm_build.json", "cvlm_training.json", "cvlm_convert.json"):
+        (untouched / marker).unlink(missing_ok=True)
+    before = state(untouched)
+    code, err = run_cli(["eval", "--model", str(untouched), *args, "--output", str(tmp_path / "e3")], capsys)
+    assert code == 0 and state(untouched) == before
+    assert f"Results not recorded in {untouched}: it was not written by cvlm (none of cvlm_build.json" in err
+
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    for path in Path(files["ckpt"]).iterdir():  # a Hub cache snapshot: links into the blob store
+        (snapshot / path.name).symlink_to(path.resolve())
+    code, err = run_cli(["eval", "--model", str(snapshot), *args, "--output", str(tmp_path / "e4")], capsys)
+    assert code == 0 and "it is a Hub cache snapshot" in err and not (snapshot / "eval_results").exists()
+
+    locked = tmp_path / "locked"
+    shutil.copytree(files["ckpt"], locked)
+    before = state(locked)
+    locked.chmod(0o555)
+    try:
+        code, err = run_cli(["eval", "--model", str(locked), *args, "--output", str(tmp_path / "e5")], capsys)
+    finally:
+        locked.chmod(0o755)
+    assert code == 0 and f"Results not recorded in {locked}: it is read-only." in err and state(locked) == before
+
+
 def test_eval_never_reuses_another_models_predictions(world, tmp_path, capsys):
     root, files = world
     out = tmp_path / "eval"

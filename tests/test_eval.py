@@ -259,46 +259,6 @@ def test_two_processes_merge_to_the_single_process_result(files, tiny, tmp_path)
     assert len(ids) == len(set(ids)) == 4 and not list((tmp_path / "two").glob("predictions.rank*"))
 
 
-# ---- the lmms-eval adapter ------------------------------------------------------------------------------------
-class _Request:
-    def __init__(self, *args):
-        self.args = args
-
-
-def test_lmms_eval_adapter_answers_generate_and_loglikelihood_requests(tiny):
-    from cvlm.eval.lmms_adapter import ConnectorVLMHarness
-
-    harness = ConnectorVLMHarness(tiny, max_new_tokens=5)
-    harness.task_dict = {"colours": {"test": [{"image": RED, "answer": "red"}, {"image": BLUE, "answer": "blue"}]}}
-    visual = lambda doc: [doc["image"]]  # noqa: E731
-    answers = harness.generate_until([_Request("What colour is it?", {"max_new_tokens": 3}, visual, i, "colours", "test")
-                                      for i in range(2)])
-    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-    scores = harness.loglikelihood([_Request("What colour is it?", lambda doc: doc["answer"], visual, i, "colours", "test")
-                                    for i in range(2)])
-    assert len(scores) == 2 and all(s < 0 and isinstance(g, bool) for s, g in scores)
-    # the same number as the model's own log-probabilities of the continuation
-    processor, model = harness.processor, harness.model
-    prompt = harness._prompt("What colour is it?", 1)
-    full = processor(images=[RED], text=[prompt + "red"], return_tensors="pt")
-    n = processor(images=[RED], text=[prompt], return_tensors="pt")["input_ids"].shape[1]
-    import torch
-
-    with torch.no_grad():
-        logprobs = model(**full).logits[0, n - 1 : -1].log_softmax(-1)
-    expected = float(logprobs.gather(-1, full["input_ids"][0, n:, None]).sum())
-    assert scores[0][0] == pytest.approx(expected, rel=1e-5)
-
-
-def test_lmms_eval_registration_where_it_installs():
-    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed here (it needs torchvision)")
-    from lmms_eval.api.registry import MODEL_REGISTRY
-
-    import cvlm.eval.lmms_adapter  # noqa: F401
-
-    assert "connector_vlm" in MODEL_REGISTRY
-
-
 def test_likelihood_ranking_reads_the_bare_question(files, tiny, tmp_path, monkeypatch):
     """SEED-Bench's protocol: the option text's likelihood after the question alone, options not listed."""
     from transformers import AutoProcessor
