@@ -248,10 +248,11 @@ def bench_train(steps: int = 20, batch_size: int = 8, image_size: int = 128, vis
 
 def bench_overhead(image_size: int = 192, vision_width: int = 256, vision_layers: int = 6, llm_width: int = 512,
                    llm_layers: int = 4, new_tokens: int = 16, repeats: int = 10, warmup: int = 2, dtype: str = "float32",
-                   device: str = "cpu", workdir: str | None = None) -> list[dict]:
+                   device: str = "cpu", workdir: str | None = None, llm: str = "tiny-llama") -> list[dict]:
     """Our model vs transformers' LlavaForConditionalGeneration on the same converted weights and the
     same processed inputs: forward time and greedy generate time (prefill + `new_tokens` decode
-    steps), timed in interleaved rounds; each row's ratio is ours / LLaVA's median."""
+    steps), timed in interleaved rounds; each row's ratio is ours / LLaVA's median. `llm` is any LM
+    `cvlm build` takes; `llm_width` / `llm_layers` resize the tiny presets only."""
     import tempfile
 
     from transformers import LlavaForConditionalGeneration
@@ -261,8 +262,12 @@ def bench_overhead(image_size: int = 192, vision_width: int = 256, vision_layers
     from cvlm.modeling import ConnectorVLMForConditionalGeneration
 
     root = Path(workdir or tempfile.mkdtemp(prefix="cvlm-bench-overhead-"))
-    build(root / "ours", vision="tiny-clip", llm="tiny-llama", connector="mlp", image_size=image_size,
-          vision_width=vision_width, vision_layers=vision_layers, llm_width=llm_width, llm_layers=llm_layers)
+    from cvlm.presets import LM_PRESETS
+
+    preset = llm in LM_PRESETS
+    build(root / "ours", vision="tiny-clip", llm=llm, connector="mlp", image_size=image_size,
+          vision_width=vision_width, vision_layers=vision_layers, llm_width=llm_width if preset else None,
+          llm_layers=llm_layers if preset else None)
     to_llava(root / "ours", root / "llava")
     torch_dtype, target = getattr(torch, dtype), torch.device(device)
     ours = ConnectorVLMForConditionalGeneration.from_pretrained(root / "ours", dtype=torch_dtype).to(target).eval()

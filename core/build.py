@@ -32,6 +32,7 @@ from cvlm.modeling import (
     ConnectorVLMProcessor,
 )
 from cvlm.model_cards.card import BUILD_FACTS, write_card
+from cvlm import gguf
 from cvlm.files import atomic_folder, check_output
 from cvlm.modeling.configuration_connector_vlm import _pair
 from cvlm.presets import CHATML_TEMPLATE, IMAGE_TOKEN, LM_PRESETS, VISION_PRESETS, tiny_lm, tiny_tokenizer, tiny_vision
@@ -155,6 +156,9 @@ def resize_vision(model, processor, image_size: int):
 def load_lm(spec: str, dtype="auto", seed: int = 0, width=None, layers=None):
     """(causal LM, tokenizer with <image>, generation config) from a preset, a Hub id or a folder."""
     size = _preset_size(spec, LM_PRESETS, width=width, layers=layers)
+    source = spec
+    if gguf.is_gguf_source(spec):  # converted once into a cached safetensors folder
+        spec = gguf.resolve(spec)
     if spec in LM_PRESETS:
         tokenizer = tiny_tokenizer()
         lm = tiny_lm(spec, tokenizer, seed=seed, **size)
@@ -163,6 +167,8 @@ def load_lm(spec: str, dtype="auto", seed: int = 0, width=None, layers=None):
         check_source(spec, "--llm", LM_PRESETS)
         tokenizer = AutoTokenizer.from_pretrained(spec)
         lm = AutoModelForCausalLM.from_pretrained(spec, dtype=_dtype(dtype))
+        if spec != source:  # the checkpoint names the GGUF source, not this machine's cache folder
+            lm.config._name_or_path = Path(source).name
         generation_config = copy.deepcopy(lm.generation_config)
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)

@@ -246,10 +246,13 @@ def _cmd_bench_overhead(args) -> int:
 
     rows = bench_overhead(image_size=args.image_size, vision_width=args.vision_width, vision_layers=args.vision_layers,
                           llm_width=args.llm_width, llm_layers=args.llm_layers, new_tokens=args.new_tokens,
-                          repeats=args.repeats, dtype=args.dtype, device=args.device)
+                          repeats=args.repeats, dtype=args.dtype, device=args.device, llm=args.llm)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.machine()
+    from cvlm.presets import LM_PRESETS
+
+    lm = f"LM width {args.llm_width} x {args.llm_layers}" if args.llm in LM_PRESETS else f"LM {args.llm}"
     print(f"cvlm bench overhead: mlp connector, ViT width {args.vision_width} x {args.vision_layers}, {args.image_size}px, "
-          f"LM width {args.llm_width} x {args.llm_layers}; {args.dtype} on {args.device} ({device}, torch "
+          f"{lm}; {args.dtype} on {args.device} ({device}, torch "
           f"{torch.__version__}); median of {args.repeats} interleaved rounds")
     print(f"{'':<24}{'ours ms':>10}{'LLaVA ms':>10}{'ratio':>8}")
     for r in rows:
@@ -434,6 +437,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("overhead", help="our model vs transformers' LlavaForConditionalGeneration, same weights")
     _bench_size_flags(p, image_size=192)
+    p.add_argument("--llm", default="tiny-llama", help="any LM cvlm build takes (--llm-width / --llm-layers: presets only)")
     p.add_argument("--new-tokens", "--new_tokens", type=COUNT, default=16)
     p.add_argument("--repeats", type=COUNT, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

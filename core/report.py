@@ -181,7 +181,8 @@ def claim_faster_timed(timing: list[dict]) -> dict:
     tokens = {f: statistics.fmean(t["tokens"] for t in timing if t["family"] == f) for f in ("preserving", "compressing")
               if any(t["family"] == f for t in timing)}
     flops = {f: statistics.fmean(t["train_flops_per_sample"] for t in timing if t["family"] == f) for f in tokens}
-    evidence = "; ".join(f"{name}: {s:.2f}x in favour of compressing (geometric mean over resolutions)"
+    evidence = "; ".join(f"{name}: no resolution has runs of both families" if math.isnan(s) else
+                         f"{name}: {s:.2f}x in favour of compressing (geometric mean over resolutions)"
                          for name, s in speedups.items())
     if len(tokens) == 2:
         evidence += (f"; visual tokens {tokens['preserving']:.1f} vs {tokens['compressing']:.1f}, training FLOPs per "

@@ -10,6 +10,8 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="cvlm-test-modules-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# GGUF language models are converted once per test session, not into the user's cache
+os.environ.setdefault("CVLM_CACHE", tempfile.mkdtemp(prefix="cvlm-test-cache-"))
 
 import pytest
 

@@ -173,6 +173,9 @@ def test_the_speed_verdict_comes_from_the_quiet_timing_phase():
     assert fast["verdict"] == "reproduced" and "training step: 2.00x in favour of compressing" in fast["evidence"]
     assert claim_faster_timed(timing(30.0, 33.0))["verdict"] == "not reproduced"
     assert claim_faster_timed(timing(30.0, 28.0))["verdict"] == "inconclusive"  # 7 %: inside the margin
+    one_family = claim_faster_timed([t for t in timing(60.0, 30.0) if t["family"] == "preserving"])
+    assert one_family["verdict"] == "inconclusive" and "nan" not in one_family["evidence"]
+    assert one_family["evidence"].startswith("training step: no resolution has runs of both families; prefill: no ")
     rows_ = question_rows({"mlp": {"coarse": 0.9, "fine": 0.9, "reasoning": 0.8},
                            "avgpool": {"coarse": 0.9, "fine": 0.3, "reasoning": 0.8}})
     by_claim = {v["claim"]: v for v in verdicts(rows_, timing=timing(60.0, 30.0))}
