@@ -57,6 +57,8 @@ class Connector(nn.Module):
     formula: str = "P"  # Q in terms of P patches (h x w grid), for the docs table
     source: str = ""  # the paper or project the connector comes from
     needs_grid: bool = False  # True: reshapes tokens to the h x w patch grid (no prefix tokens)
+    # True: `forward(hidden_states, return_aux_loss=True)` returns (features, auxiliary training loss)
+    returns_aux_loss: bool = False
 
     def __init__(self, config):
         super().__init__()

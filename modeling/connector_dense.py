@@ -124,6 +124,7 @@ class DenseDCIConnector(DenseConnector):
 
     def forward(self, hidden_states):
         final, *all_layers = hidden_states
-        groups = torch.tensor_split(torch.arange(len(all_layers)), self.hyper["groups"])
-        means = [torch.stack([all_layers[i] for i in group.tolist()]).mean(0) for group in groups]  # G x [B, N, C]
+        n, g = len(all_layers), self.hyper["groups"]
+        bounds = [i * (n // g) + min(i, n % g) for i in range(g + 1)]  # contiguous, the first n % g one longer
+        means = [torch.stack(all_layers[a:b]).mean(0) for a, b in zip(bounds, bounds[1:])]  # G x [B, N, C]
         return self.layers(torch.cat([final, *means], dim=-1))  # [B, N, (G+1)C] -> [B, N, D]

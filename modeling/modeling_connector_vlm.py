@@ -12,6 +12,7 @@ from transformers.modeling_outputs import (
     MultimodalBaseModelOutputWithPast,
     MultimodalCausalLMOutputWithPast,
 )
+from transformers.utils import torch_compilable_check
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_connector_vlm import ConnectorVLMConfig
@@ -35,6 +36,7 @@ class ConnectorVLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # no host syncs on the forward path (torch_compilable_check, as LLaVA)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -109,12 +111,16 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
             selected = list(vision_features.to(self.vision_tower.dtype).unbind(1))
         else:
             vision, selected = self._encode(pixel_values, output_hidden_states, output_attentions)
-        features = self.connector(selected)  # [B, Q, D]
+        aux_loss = None
+        if self.config.connector_class.returns_aux_loss:  # asked of the class: the module may sit in a wrapper
+            features, aux_loss = self.connector(selected, return_aux_loss=True)  # [B, Q, D], []
+        else:
+            features = self.connector(selected)  # [B, Q, D]
         return ConnectorVLMImageOutput(
             last_hidden_state=None if vision is None else vision.last_hidden_state,
             hidden_states=vision.hidden_states if vision is not None and output_hidden_states else None,
             attentions=vision.attentions if vision is not None and output_attentions else None,
-            pooler_output=list(features), aux_loss=getattr(self.connector, "aux_loss", None),
+            pooler_output=list(features), aux_loss=aux_loss,
         )
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features: torch.Tensor) -> torch.Tensor:
@@ -128,15 +134,15 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
             mask = (inputs_embeds == image_embedding).all(-1)
         else:
             mask = input_ids == image_token_id
-        n_tokens, n_features = int(mask.sum()), image_features.shape[0]
-        if n_tokens != n_features:
-            q = self.config.num_image_tokens
-            raise ValueError(
-                f"The prompt has {n_tokens} <image> tokens but the images give {n_features} features "
-                f"({n_features // max(q, 1)} image(s) x {q} tokens). Likely causes: a prompt without <image> "
-                "(use the processor or its chat template), a prompt truncated through the image tokens "
-                "(raise max_length), or text expanded by another processor."
-            )
+        n_tokens, n_features = mask.sum(), image_features.shape[0]
+        q = self.config.num_image_tokens
+        torch_compilable_check(  # a compiler hint, not a host sync, until it fails
+            n_tokens == n_features,
+            lambda: f"The prompt has {int(n_tokens)} <image> tokens but the images give {n_features} features "
+            f"({n_features // max(q, 1)} image(s) x {q} tokens). Likely causes: a prompt without <image> "
+            "(use the processor or its chat template), a prompt truncated through the image tokens "
+            "(raise max_length), or text expanded by another processor.",
+        )
         mask = mask.unsqueeze(-1).to(inputs_embeds.device)
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
@@ -163,11 +169,6 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         if image_outputs is not None:
             image_features = torch.cat(list(image_outputs.pooler_output), dim=0)  # n_images x [Q, D] -> [n*Q, D]
             inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, image_features)
-        elif (input_ids is not None and cache is None and self.config.image_token_id is not None
-              and bool((input_ids == self.config.image_token_id).any())):
-            raise ValueError(
-                "The prompt has <image> tokens but no pixel_values were given: pass the images the prompt refers to."
-            )
         if cache is not None:
             kwargs["cache"] = cache
         outputs = self.language_model(

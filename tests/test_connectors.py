@@ -154,7 +154,7 @@ def test_dense_dci_averages_contiguous_groups():
     torch.testing.assert_close(out, connector.layers(fused))
 
 
-def test_moe_routes_top_k_with_renormalised_weights_and_reports_losses():
+def test_moe_routes_top_k_with_renormalised_weights_and_returns_its_loss():
     connector, hidden, out = run_connector(config_for("moe", (4, 4)))
     tokens = hidden[0].reshape(-1, 32)
     probs = connector.router(tokens).softmax(-1)
@@ -165,8 +165,17 @@ def test_moe_routes_top_k_with_renormalised_weights_and_reports_losses():
         for i, t in enumerate(tokens)
     ])
     torch.testing.assert_close(out.reshape(-1, 64), expected, atol=1e-5, rtol=1e-5)
-    assert connector.expert_load.shape == (4,) and float(connector.expert_load.sum()) == pytest.approx(1.0)
-    assert connector.aux_loss.ndim == 0 and float(connector.aux_loss) > 0
+    with torch.no_grad():
+        again, aux = connector(hidden, return_aux_loss=True)
+    torch.testing.assert_close(again, out, atol=0, rtol=0)
+    # Switch/CuMo balance loss (coefficient 0.1) + router z-loss (0.01), from the router alone
+    logits = connector.router(tokens).float()
+    top1 = torch.bincount(chosen[:, 0], minlength=4).float() / len(tokens)
+    expected_aux = 0.1 * 4 * (top1 * probs.mean(0)).sum() + 0.01 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(aux, expected_aux.detach())
+    assert not any(isinstance(v, torch.Tensor) and v.ndim == 0 for v in vars(connector).values())  # nothing kept
+    load = connector.expert_load(hidden)
+    assert load.shape == (4,) and float(load.sum()) == pytest.approx(1.0)
 
 
 def test_moe_aux_loss_is_added_to_the_training_loss(built):
@@ -187,6 +196,7 @@ def test_moe_upcycled_from_mlp_gives_the_mlp_output():
     moe.upcycle(mlp)
     with torch.no_grad():
         torch.testing.assert_close(moe(hidden), mlp_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moe(hidden, return_aux_loss=True)[0], mlp_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="Cannot upcycle"):
         moe.upcycle(config_for("mlp", (4, 4), depth=3).connector_class(config_for("mlp", (4, 4), depth=3)))
 

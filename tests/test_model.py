@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from cvlm.build import save_checkpoint
+from cvlm.modeling.connectors import CONNECTORS
 from helpers import COMBO_IDS, COMBOS, chat_prompt, greedy_no_cache, model_inputs, picture
 
 QUESTIONS = ("What colour is the square?", "Is there a small red circle at the top left corner of the image?")
@@ -163,11 +164,32 @@ def test_truncated_image_tokens_name_both_counts(built):
     assert "truncated" in str(info.value)
 
 
-def test_image_tokens_without_pixel_values_are_refused(built):
+def test_image_tokens_without_pixel_values_are_embedded_as_text_as_llava_does(built):
+    """LLaVA's choice (and what transformers' common tests with random ids expect): with no pictures,
+    an <image> id is an ordinary token, looked up in the embedding table."""
     model, processor = built()
     inputs = model_inputs(processor)
-    with pytest.raises(ValueError, match="The prompt has <image> tokens but no pixel_values were given"):
-        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert bool((ids == model.config.image_token_id).any())
+    with torch.no_grad():
+        by_ids = model(input_ids=ids, attention_mask=mask).logits
+        by_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask).logits
+    torch.testing.assert_close(by_ids, by_embeds, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("connector", [pytest.param(name, marks=[] if name in ("mlp", "moe") else [pytest.mark.slow])
+                                       for name in CONNECTORS])
+def test_a_fullgraph_compiled_forward_equals_eager(built, connector):
+    """`_can_compile_fullgraph`: no host sync on the forward path, so torch.compile(fullgraph=True) traces
+    the whole model, pictures included, and gives eager's logits."""
+    model, processor = built("tiny-clip", "tiny-llama", connector)
+    assert type(model)._can_compile_fullgraph
+    inputs = model_inputs(processor, QUESTIONS, COLOURS)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
 
 
 def test_pixel_values_of_the_wrong_size_are_refused(built):
