@@ -239,7 +239,7 @@ def subtask_of(question: Question) -> str:
 def check_mapping(mapping_file: str | Path, benchmark: str, questions: list[Question]) -> None:
     """The granularity mapping, read and checked before any inference: its layout, its granularities, and
     that it covers every subtask of the questions."""
-    from .metrics.granularity.granularity import GRANULARITIES
+    from . import GRANULARITIES
 
     mapping = read_json(mapping_file, "--mapping")
     table = mapping.get("mapping") if isinstance(mapping, dict) else None

@@ -16,10 +16,7 @@ NOT_RECORDED = "not recorded"
 BUILD_FACTS = "cvlm_build.json"
 EVAL_DIR = "eval_results"  # one <benchmark>.json (cvlm eval's results.json) per benchmark
 BENCHMARK_NAMES = {"mme": "MME", "mmbench": "MMBench", "seed_bench": "SEED-Bench"}
-PAPERS = {
-    "connectors": "To Preserve or To Compress (arXiv 2410.06765)",
-    "dense": "Dense Connector (arXiv 2405.13800)",
-}
+PAPERS = {"connectors": "To Preserve or To Compress (arXiv 2410.06765)"}
 
 TEMPLATE = """---
 {{ card_data }}
@@ -178,8 +175,7 @@ def write_card(folder: str | os.PathLike, repo_id: str | None = None, title: str
     vision = _backbone_name(built.get("vision"), config["vision_config"])
     llm = _backbone_name(built.get("llm"), config["text_config"])
     base_models = [n for n in (vision, llm) if "(" not in n]
-    citations = list(dict.fromkeys([connector_cls.source, PAPERS["connectors"]]
-                                   + ([PAPERS["dense"]] if cvlm_config.connector_type.startswith("dense") else [])))
+    citations = [connector_cls.source, PAPERS["connectors"]]  # the connector class names its own paper
     title = repo_id or title or folder.name
     train_data = [s.get("data") for s in ([*facts.get("previous_stages", []), facts] if facts else [])]
     hub_datasets = sorted({d for d in train_data if d and "/" in d and not os.path.exists(d)})

@@ -210,7 +210,7 @@ def test_cli_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
 
 
 def test_readme_connector_table_is_the_registry():
-    from cvlm.registry import connector_markdown
+    from cvlm.connector_table import connector_markdown
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- connectors-table -->\n", 1)[1].split("\n<!-- /connectors-table -->", 1)[0]

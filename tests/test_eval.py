@@ -109,6 +109,13 @@ def test_the_mapping_file_covers_every_subtask_of_the_three_benchmarks():
     assert {mapping["mmbench"][k] for k in confirmed[:4]} == {"coarse"}
 
 
+def test_the_granularity_modules_copy_of_the_granularities_is_the_packages():
+    from cvlm.eval import GRANULARITIES
+    from cvlm.eval.runner import metric_function
+
+    assert metric_function(metric("granularity"), "GRANULARITIES") == GRANULARITIES == ("coarse", "fine", "reasoning")
+
+
 # ---- loaders on every real format ---------------------------------------------------------------------------
 MME_ITEMS = [
     {"subtask": "color", "name": "r1", "image": RED, "qa": [("Is the picture red? Please answer yes or no.", "Yes"),

@@ -85,6 +85,16 @@ def test_finetune_trains_connector_and_lora_merged_into_the_lm(stage1, stage2):
     assert facts["previous_stages"][0]["stage"] == "align" and facts["lora"]["lora_r"] == 4
 
 
+def test_trainer_state_and_metrics_are_where_the_transformers_examples_leave_them(stage2):
+    state = json.loads((stage2 / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
+    assert [(log["step"], log["loss"]) for log in state["log_history"] if "loss" in log] == [
+        tuple(pair) for pair in json.loads((stage2 / "cvlm_training.json").read_text())["losses"]]
+    train = json.loads((stage2 / "train_results.json").read_text())
+    assert train["train_samples_per_second"] > 0 and train["train_loss"] > 0
+    assert json.loads((stage2 / "all_results.json").read_text()) == train
+
+
 def test_the_model_card_carries_the_recorded_training_facts(stage2):
     from huggingface_hub import ModelCard
 

@@ -411,7 +411,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             "world_size": args.world_size,
             "samples_per_second": result.metrics.get("train_samples_per_second"),
         }
-        (output / TRAINING_FACTS).write_text(json.dumps(facts, indent=2) + "\n")
+        write_atomic(output / TRAINING_FACTS, json.dumps(facts, indent=2) + "\n")
+        # where the transformers example scripts leave them: train_results.json, all_results.json,
+        # trainer_state.json (the whole log history)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
         write_card(output)
         if losses:
             from cvlm.plot import line_plot

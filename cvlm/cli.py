@@ -75,7 +75,7 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_connectors(args) -> int:
-    from cvlm.registry import connector_markdown, connector_table
+    from cvlm.connector_table import connector_markdown, connector_table
 
     if args.markdown:
         print(connector_markdown(vision_hidden=args.vision_hidden, text_hidden=args.text_hidden))

@@ -18,7 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
-GRANULARITIES = ("coarse", "fine", "reasoning")
+from cvlm.eval import GRANULARITIES  # noqa: E402
+
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8", "d", "H", "1"]
 FAMILY_STYLE = {"preserving": "-", "compressing": "--"}
 

@@ -216,33 +216,36 @@ def bench_train(steps: int = 20, batch_size: int = 8, image_size: int = 128, vis
     (A, B, C, D, A, B, ...) `repeats` times; the median is reported."""
     import tempfile
 
+    from transformers import TrainingArguments
+
     from cvlm.build import build
     from cvlm.trainers.toy_data import write_colour_dataset
-    from cvlm.trainers.train import main as train_main
+    from cvlm.trainers.train import DataArguments, LoraArguments, ModelArguments, train
 
     root = Path(workdir or tempfile.mkdtemp(prefix="cvlm-bench-train-"))
     data = write_colour_dataset(root / "data", n=64, text_only=0, size=image_size)
     build(root / "base", vision="tiny-clip", llm="tiny-llama", connector="mlp", image_size=image_size,
           vision_width=vision_width, vision_layers=vision_layers, llm_width=llm_width, llm_layers=llm_layers)
-    common = ["--data", data, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch_size),
-              "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--logging_steps", str(steps)]
     cache = str(root / "cache")
-    train_main(["--model", str(root / "base"), "--stage", "align", "--output_dir", str(root / "warm"),
-                "--cache_features", cache, *common])  # fills the cache, so the cached runs only read it
+
+    def run(output, model, stage, cache_features=None, lm_full=False) -> dict:
+        train(ModelArguments(model=str(model), stage=stage, lm_full=lm_full),
+              DataArguments(data=data, cache_features=cache_features), LoraArguments(),
+              TrainingArguments(output_dir=str(output), max_steps=steps, per_device_train_batch_size=batch_size,
+                                save_strategy="no", report_to="none", disable_tqdm=True, logging_steps=steps))
+        return json.loads((Path(output) / "cvlm_training.json").read_text())
+
+    run(root / "warm", root / "base", "align", cache)  # fills the cache, so the cached runs only read it
     runs = {
-        "align, encoder run each step": ["--model", str(root / "base"), "--stage", "align"],
-        "align, feature cache": ["--model", str(root / "base"), "--stage", "align", "--cache_features", cache],
-        "finetune, LoRA r=8": ["--model", str(root / "warm"), "--stage", "finetune", "--cache_features", cache],
-        "finetune, full LM": ["--model", str(root / "warm"), "--stage", "finetune", "--cache_features", cache,
-                              "--lm_full", "true"],
+        "align, encoder run each step": dict(model=root / "base", stage="align"),
+        "align, feature cache": dict(model=root / "base", stage="align", cache_features=cache),
+        "finetune, LoRA r=8": dict(model=root / "warm", stage="finetune", cache_features=cache),
+        "finetune, full LM": dict(model=root / "warm", stage="finetune", cache_features=cache, lm_full=True),
     }
     speeds = {name: [] for name in runs}
     for r in range(repeats):
-        for i, (name, args) in enumerate(runs.items()):
-            out = root / f"run-{r}-{i}"
-            train_main([*args, "--output_dir", str(out), *common])
-            facts = json.loads((out / "cvlm_training.json").read_text())
-            speeds[name].append(facts["samples_per_second"])
+        for i, (name, settings) in enumerate(runs.items()):
+            speeds[name].append(run(root / f"run-{r}-{i}", **settings)["samples_per_second"])
     return [{"run": name, "samples_per_second": statistics.median(values)} for name, values in speeds.items()]
 
 

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 
 from cvlm.files import check_output, path_digest, read_json, settings_digest, write_atomic
 from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
+from cvlm.eval import GRANULARITIES
 
 # every family of the paper: two preserving MLPs and a Dense Connector; pooling, Q-Former, C-Abstractor, pixel shuffle
 DEFAULT_CONNECTORS = ["linear", "mlp", "dense_sci", "avgpool", "qformer", "cabstractor", "pixel_shuffle"]
-GRANULARITIES = ("coarse", "fine", "reasoning")
 RUN_FORMAT = 4  # bumped when what a run records changes: older run.json files are redone
 
 
@@ -183,9 +183,11 @@ def _encoder(root: Path, resolution: int, config: StudyConfig) -> str:
 
 def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: int, seed: int,
             config: StudyConfig, data: dict) -> dict:
+    from transformers import TrainingArguments
+
     from cvlm.build import build
     from cvlm.eval.runner import evaluate_model
-    from cvlm.trainers.train import main as train_main
+    from cvlm.trainers.train import DataArguments, LoraArguments, ModelArguments, train
 
     start = time.time()
     if connector == "qformer" and "num_queries" not in hyper:  # a fixed Q must still compress: P/4, as the pools do
@@ -193,21 +195,16 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     base = build(run_dir / "base", vision=data["vision"], llm=config.llm, connector=connector, connector_args=hyper,
                  image_size=resolution, seed=seed, llm_width=config.llm_width, llm_layers=config.llm_layers,
                  vision_width=config.vision_width if data["vision"] == config.vision else None)
-    common = ["--per_device_train_batch_size", str(config.batch_size), "--seed", str(seed), "--report_to", "none",
-              "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "10", "--warmup_steps", "10",
-              "--cache_features", str(Path(config.output) / "feature_cache")]
-    if config.image_folder:
-        common += ["--image_folder", config.image_folder]
-    stages = [("align", base, data["align"], config.align_steps, str(config.align_lr)),
-              ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, str(config.finetune_lr))]
+    stages = [("align", base, data["align"], config.align_steps, config.align_lr),
+              ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, config.finetune_lr)]
     for stage, source, train_data, steps, lr in stages:
-        args = ["--model", str(source), "--data", train_data, "--stage", stage, "--output_dir", str(run_dir / stage),
-                "--max_steps", str(steps), "--learning_rate", lr, *common]
-        if stage == "finetune":
-            args += ["--lm_full", "true"] if config.lm_full else ["--lora_r", str(config.lora_r), "--lora_alpha",
-                                                                   str(config.lora_alpha)]
-        if train_main(args) != 0:
-            raise RuntimeError(f"cvlm train --stage {stage} failed")
+        train(ModelArguments(model=str(source), stage=stage, lm_full=stage == "finetune" and config.lm_full),
+              DataArguments(data=train_data, image_folder=config.image_folder,
+                            cache_features=str(Path(config.output) / "feature_cache")),
+              LoraArguments(lora_r=config.lora_r, lora_alpha=config.lora_alpha),
+              TrainingArguments(output_dir=str(run_dir / stage), max_steps=steps, learning_rate=lr,
+                                per_device_train_batch_size=config.batch_size, seed=seed, report_to="none",
+                                disable_tqdm=True, save_strategy="no", logging_steps=10, warmup_steps=10))
     final = run_dir / "finetune"
     results = {}
     for benchmark, path in data["benchmarks"].items():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cvlm.paired import EQUIVALENCE_MARGIN, compare, contrast, describe
 from cvlm.files import write_atomic
+from cvlm.eval import GRANULARITIES
 
-GRANULARITIES = ("coarse", "fine", "reasoning")
 MIN_MARGIN = 2.0  # percentage points: differences below this are never called a difference
 SPEED_MARGIN = 0.10  # 10 %: speed differences below this are never called a difference
 
