@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cvlm.build import build_model
+from cvlm.eval.runner import chat_prompt
 from cvlm.files import write_atomic
 from cvlm.trainers.data import load_image
 from cvlm.generate import demo_image
@@ -54,10 +55,7 @@ def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_s
         model, processor = build_model(vision=vision, llm=llm, connector=name, image_size=image_size, seed=seed,
                                        dtype=dtype, **preset_size)
         model.to(target).eval()
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-            add_generation_prompt=True,
-        )
+        text = chat_prompt(processor, PROMPT, 1)
         inputs = processor(images=[demo_image(256)], text=[text], return_tensors="pt").to(target)
         pixel_values = inputs["pixel_values"].to(model.dtype)
         features = model.model.select_vision_features(pixel_values)
@@ -130,8 +128,7 @@ def _timing_case(label: str, checkpoint: str, train_data: str, question: str, ba
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trainable, lr=0.0)  # the arithmetic of a step; the weights need not move
     image = records[0]["image"][0]
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                                         add_generation_prompt=True)
+    text = chat_prompt(processor, question, 1)
     prompt = processor(images=[load_image(image)], text=[text], return_tensors="pt").to(device)
 
     def train_step():
@@ -278,8 +275,7 @@ def bench_overhead(image_size: int = 192, vision_width: int = 256, vision_layers
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(root / "llava")
-    text = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}], add_generation_prompt=True)
+    text = chat_prompt(processor, PROMPT, 1)
     inputs = processor(images=[demo_image(256)], text=[text], return_tensors="pt").to(target)
     inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
     tasks = {

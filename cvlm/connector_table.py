@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
 
 
@@ -24,8 +22,7 @@ def connector_table(grid=(24, 24), vision_hidden: int = 1024, text_hidden: int =
     rows = []
     for name, cls in CONNECTORS.items():
         config = ConnectorVLMConfig(vision_config=vision, text_config=text, connector_type=name)
-        with torch.device("meta"):  # counts parameters without allocating them
-            params = sum(p.numel() for p in cls(config).parameters())
+        params = cls.count_parameters(config)
         rows.append({
             "name": name,
             "family": cls.family,

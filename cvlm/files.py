@@ -77,11 +77,23 @@ def atomic_folder(output: str | os.PathLike):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yields a hidden temporary path beside `path`, named per process and ending in .tmp (so no glob
+    for the real files matches it); when the block succeeds the file replaces `path` in one rename, so
+    readers see the old file or the new one, never half of one. On failure the temporary file is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # ---- reading what users give ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import torch
 from PIL import Image
 
+from cvlm.eval.runner import chat_prompt
 from cvlm.files import open_image
 from cvlm.loading import load_checkpoint
 from cvlm.modeling.image_conversion import to_rgb
@@ -33,8 +34,7 @@ def generate(model_id: str, prompt: str, images=None, max_new_tokens: int = 32, 
         raise ValueError("--prompt is empty: ask a question.")
     images = [open_image(i, where="--image") if isinstance(i, (str, os.PathLike)) else to_rgb(i) for i in (images or [])]
     model, processor = load_checkpoint(model_id, trust_remote_code)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = chat_prompt(processor, prompt, len(images))
     inputs = processor(images=images or None, text=text, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

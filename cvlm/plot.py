@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend
 
 from cvlm.eval import GRANULARITIES  # noqa: E402
+from cvlm.files import atomic_path  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8", "d", "H", "1"]
 FAMILY_STYLE = {"preserving": "-", "compressing": "--"}
@@ -26,10 +27,9 @@ FAMILY_STYLE = {"preserving": "-", "compressing": "--"}
 
 def _save(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(figure)
-    os.replace(tmp, path)
     return path
 
 

@@ -281,10 +281,7 @@ def _run_job(job: dict) -> dict:
     except Exception as error:  # noqa: BLE001 - reported, and the study goes on
         return {"failure": {"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
                             "traceback": traceback.format_exc(limit=3)}}
-    done = run_dir / "run.json"
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row, indent=2))
-    os.replace(tmp, done)
+    write_atomic(run_dir / "run.json", json.dumps(row, indent=2))
     return {"row": row}
 
 
@@ -360,9 +357,7 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
               "verdicts": verdicts(rows, chance, timing) if rows else []}
     if baselines:
         result["baselines"] = {**baselines, "learnt": learnt(rows, chance)}
-    tmp = root / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, root / "results.json")
+    write_atomic(root / "results.json", json.dumps(result, indent=2))
     write_report(root, result)
     _keep_checkpoints(root, rows, config)
     return result

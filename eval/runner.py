@@ -343,10 +343,7 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
 
     done = _read_predictions(out)
     rows = [done[q.id] for q in questions if q.id in done]
-    merged = out / "predictions.jsonl"
-    tmp = merged.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, merged)
+    write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     for stale in out.glob("predictions.rank*.jsonl"):
         stale.unlink()
     scored = score(benchmark, rows, metric, mapping_file or MAPPING_FILE)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cvlm.files import atomic_path
+
 NOT_RECORDED = "not recorded"
 BUILD_FACTS = "cvlm_build.json"
 EVAL_DIR = "eval_results"  # one <benchmark>.json (cvlm eval's results.json) per benchmark
@@ -185,10 +187,7 @@ def write_card(folder: str | os.PathLike, repo_id: str | None = None, title: str
         base_model=base_models or None, datasets=hub_datasets or None, model_name=title,
         eval_results=_eval_results(evals) or None,
     )
-    import torch
-
-    with torch.device("meta"):  # counts the connector's parameters without allocating them
-        connector_params = sum(p.numel() for p in connector_cls(cvlm_config).parameters())
+    connector_params = connector_cls.count_parameters(cvlm_config)
     grid = cvlm_config.vision_grid
     card = ModelCard.from_template(
         data, template_str=TEMPLATE,
@@ -205,7 +204,6 @@ def write_card(folder: str | os.PathLike, repo_id: str | None = None, title: str
         citations="\n".join(f"- {c}" for c in citations),
     )
     path = folder / "README.md"
-    tmp = folder / "README.md.tmp"
-    card.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        card.save(tmp)
     return path

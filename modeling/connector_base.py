@@ -136,6 +136,12 @@ class Connector(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @classmethod
+    def count_parameters(cls, config) -> int:
+        """The parameter count of this connector for `config`, counted on the meta device (nothing allocated)."""
+        with torch.device("meta"):
+            return cls(config).num_parameters()
+
 
 def mlp_projection(in_features: int, out_features: int, depth: int = 2, act: str = "gelu", bias: bool = True):
     """Linear(in -> out) followed by (depth - 1) x [act, Linear(out -> out)] (LLaVA-1.5's mlp2x_gelu at depth 2)."""

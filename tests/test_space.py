@@ -60,10 +60,14 @@ def check_answers(result, variants):
     ok = [v for v in variants if not v.error]
     assert len(result) == 1 + 3 * len(ok)
     for i, v in enumerate(ok):
-        keeps, answer, costs = result[1 + 3 * i : 4 + 3 * i]
+        keeps, answer, table = result[1 + 3 * i : 4 + 3 * i]
         assert Path(keeps).exists() and isinstance(answer, str)
-        assert costs["visual_tokens"] == v.config.num_image_tokens
-        assert costs["prefill_latency_ms"] > 0 and costs["stopped_at_time_limit"] is False
+        assert table["headers"] == ["cost of this request", "value"]
+        costs = dict(table["data"])  # a table a person reads: units in the cells
+        assert costs["visual tokens"] == str(v.config.num_image_tokens)
+        assert costs["prefill latency"].endswith(" ms") and float(costs["prefill latency"][:-3]) > 0
+        assert costs["decode speed"] == "-" or costs["decode speed"].endswith(" tokens/s")
+        assert costs["stopped at the time limit"] == "no"
 
 
 def test_every_variant_answers_an_example_and_a_broken_one_is_an_error_card(served):
@@ -150,7 +154,7 @@ def test_a_real_browser_picks_an_example_compares_and_sees_every_answer(served):
         ok = [v for v in variants if not v.error]
         # every variant's costs arrive when its answer is complete
         page.wait_for_function(
-            f"() => (document.body.innerText.match(/stopped_at_time_limit/g) || []).length >= {len(ok)}",
+            f"() => (document.body.innerText.match(/stopped at the time limit/g) || []).length >= {len(ok)}",
             timeout=120_000)
         assert page.get_by_text("Failed to load.").count() == 1
         page.screenshot(path=str(screenshot), full_page=True)
@@ -164,7 +168,15 @@ def test_a_variant_that_reaches_the_time_limit_says_so(served, monkeypatch):
     image = Image.new("RGB", (64, 64), (10, 10, 200))
     *_, (text, costs) = list(app.answer_stream(variants[0], image, "What colour?"))
     assert costs["stopped_at_time_limit"] is True
+    assert app.cost_rows(costs)[-1] == ["stopped at the time limit", "yes"]
     assert text.endswith("[stopped: this variant reached the 0 s time limit]")
+
+
+def test_the_scatter_axes_leave_a_margin_around_every_point(served):
+    app = served[0]
+    assert app.padded([16, 64]) == pytest.approx([16 - 5.76, 64 + 5.76])
+    low, high = app.padded([40.0])  # one point: still inside the frame
+    assert low < 40.0 < high
 
 
 def test_a_path_of_the_servers_own_files_is_refused(served, tmp_path):

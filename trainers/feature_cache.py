@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from cvlm.files import write_atomic  # per-process temp names: processes sharing a cache never share one
+from cvlm.files import atomic_path, write_atomic  # per-process temp names: processes sharing a cache never share one
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,8 @@ class FeatureCache:
                 stacked = torch.stack(selected, dim=1).cpu()  # [B, n_layers, N, C]
                 tensors.update({digest: stacked[i].contiguous() for i, (digest, _) in enumerate(part)})
             shard = f"features-{shard_number:05d}.safetensors"
-            tmp = self.dir / f"{shard}.{os.getpid()}.tmp"
-            save_file(tensors, str(tmp))
-            os.replace(tmp, self.dir / shard)
+            with atomic_path(self.dir / shard) as tmp:
+                save_file(tensors, str(tmp))
             self.index.update({digest: shard for digest in tensors})
             write_atomic(self.dir / "manifest.json", json.dumps(
                 {"fingerprint": self.fingerprint, "shape": self.shape, "index": self.index}))

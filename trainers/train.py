@@ -80,8 +80,9 @@ class _Parser(HfArgumentParser):
 def parse_args(argv: list[str] | None = None):
     parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else list(argv)
-    argv = [_underscored(a) for a in argv]  # --lora-r and --lora_r both work
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and "--use_cpu" not in argv:
+    # --lora-r and --lora_r both work: HfArgumentParser gives every field_name a --field-name alias
+    cpu_flag = {"--use_cpu", "--use-cpu"} & {a.split("=")[0] for a in argv}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not cpu_flag:
         # Several CPU processes (torchrun / accelerate launch): without use_cpu, accelerate sets up no
         # distributed training and each process would silently train its own copy.
         argv += ["--use_cpu", "true"]
@@ -90,13 +91,6 @@ def parse_args(argv: list[str] | None = None):
             return parser.parse_json_file(argv[0], allow_extra_keys=False)
         return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
     return parser.parse_args_into_dataclasses(args=argv)
-
-
-def _underscored(arg: str) -> str:
-    if not arg.startswith("--"):
-        return arg
-    name, eq, value = arg[2:].partition("=")
-    return "--" + name.replace("-", "_") + eq + value
 
 
 # ---- which parameters train ----------------------------------------------------------------------

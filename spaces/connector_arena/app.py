@@ -49,7 +49,7 @@ class Variant:
         connector = self.model.model.connector
         return {"name": self.label, "connector": self.config.connector_type, "family": connector.family,
                 "visual_tokens": self.config.num_image_tokens,
-                "connector_parameters": sum(p.numel() for p in connector.parameters()), "scores": self.scores}
+                "connector_parameters": connector.num_parameters(), "scores": self.scores}
 
 
 def model_sources() -> list[tuple[str, str]]:
@@ -209,6 +209,25 @@ def answer_stream(variant: Variant, image: Image.Image, question: str):
     yield text, costs
 
 
+COST_HEADERS = ["cost of this request", "value"]
+
+
+def cost_rows(costs: dict) -> list[list]:
+    """The costs as rows a person reads at a glance (the table beside each answer)."""
+    rate = costs["decode_tokens_per_s"]
+    return [["visual tokens", str(costs["visual_tokens"])],
+            ["prefill latency", f"{costs['prefill_latency_ms']:.1f} ms"],
+            ["decode speed", "-" if rate is None else f"{rate:.1f} tokens/s"],
+            ["stopped at the time limit", "yes" if costs["stopped_at_time_limit"] else "no"]]
+
+
+def padded(values: list[float], fraction: float = 0.12) -> list[float]:
+    """Axis limits around `values` with a margin, so no point sits on the plot's frame."""
+    low, high = min(values), max(values)
+    margin = (high - low) * fraction or max(abs(high) * fraction, 1.0)
+    return [low - margin, high + margin]
+
+
 def build_demo(variants: list[Variant]) -> gr.Blocks:
     ok = [v for v in variants if not v.error]
     with gr.Blocks(title="Connector arena") as demo:
@@ -240,15 +259,18 @@ def build_demo(variants: list[Variant]) -> gr.Blocks:
                                 f"Scores (macro %): {scores}")
                     keeps = gr.Image(label="what it keeps", height=200, interactive=False)
                     answer = gr.Textbox(label="answer", lines=2)
-                    costs = gr.JSON(label="costs of this request")
+                    costs = gr.Dataframe(headers=COST_HEADERS, label="costs of this request", interactive=False,
+                                         wrap=True)
                     outputs += [keeps, answer, costs]
         scored = [(v, s) for v in ok for k, s in v.scores.items() if k.endswith("fine")]
         if scored:
             import pandas as pd
 
-            gr.ScatterPlot(pd.DataFrame({"visual tokens": [v.config.num_image_tokens for v, _ in scored],
-                                         "fine-grained %": [s for _, s in scored], "variant": [v.label for v, _ in scored]}),
-                           x="visual tokens", y="fine-grained %", color="variant", title="accuracy vs visual tokens")
+            tokens, fine = [v.config.num_image_tokens for v, _ in scored], [s for _, s in scored]
+            gr.ScatterPlot(pd.DataFrame({"visual tokens": tokens, "fine-grained %": fine,
+                                         "variant": [v.label for v, _ in scored]}),
+                           x="visual tokens", y="fine-grained %", color="variant", title="accuracy vs visual tokens",
+                           x_lim=padded(tokens), y_lim=padded(fine))
 
         def compare(image_path, question):
             if not question or not question.strip():
@@ -264,10 +286,11 @@ def build_demo(variants: list[Variant]) -> gr.Blocks:
                 # while streaming, only this variant's answer and costs change: the rest is skipped
                 for text, costs in answer_stream(v, image, question.strip()):
                     first[3 * i + 1] = text
-                    if costs is not None:
-                        first[3 * i + 2] = costs
+                    table = None if costs is None else cost_rows(costs)
+                    if table is not None:
+                        first[3 * i + 2] = table
                     partial = [gr.skip()] * len(first)
-                    partial[3 * i + 1], partial[3 * i + 2] = text, costs if costs is not None else gr.skip()
+                    partial[3 * i + 1], partial[3 * i + 2] = text, table if table is not None else gr.skip()
                     yield (gr.skip(), *partial)
             yield (status_text, *first)  # the complete result, for API clients
 
