@@ -190,8 +190,8 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     from cvlm.trainers.train import DataArguments, LoraArguments, ModelArguments, train
 
     start = time.time()
-    if connector == "qformer" and "num_queries" not in hyper:  # a fixed Q must still compress: P/4, as the pools do
-        hyper = {**hyper, "num_queries": max(1, (resolution // _patch_size(config.vision)) ** 2 // 4)}
+    grid = resolution // _patch_size(config.vision)
+    hyper = {**CONNECTORS[connector].hyper_for_grid(grid, grid), **hyper}  # what the class needs at this grid
     base = build(run_dir / "base", vision=data["vision"], llm=config.llm, connector=connector, connector_args=hyper,
                  image_size=resolution, seed=seed, llm_width=config.llm_width, llm_layers=config.llm_layers,
                  vision_width=config.vision_width if data["vision"] == config.vision else None)

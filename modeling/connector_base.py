@@ -137,6 +137,17 @@ class Connector(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
+    def hyper_for_grid(cls, grid_h: int, grid_w: int) -> dict:
+        """Hyper-parameters this connector needs at a patch grid when none are given: {} when its Q
+        follows the grid by itself (every connector but those with a fixed token count)."""
+        return {}
+
+    def token_cells(self) -> tuple[int, int] | None:
+        """The (rows, cols) grid of image cells its output tokens cover, one token per cell (what the
+        Space draws); None when tokens are not tied to cells (learned queries)."""
+        return tuple(self.grid)
+
+    @classmethod
     def count_parameters(cls, config) -> int:
         """The parameter count of this connector for `config`, counted on the meta device (nothing allocated)."""
         with torch.device("meta"):

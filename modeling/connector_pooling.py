@@ -33,6 +33,9 @@ class GridConnector(Connector):
     def out_grid(self) -> tuple[int, int]:
         return pooled_grid(self.name, *self.grid, self.hyper)
 
+    def token_cells(self) -> tuple[int, int]:
+        return self.out_grid
+
 
 @register_connector("avgpool")
 class AvgPoolConnector(GridConnector):
@@ -67,6 +70,9 @@ class PixelShuffleConnector(Connector):
     defaults = {"scale": 2, "depth": 2, "act": "gelu"}
     formula = "P/s² (s=2: P/4)"
     source = "pixel shuffle (nanoVLM, Idefics3, InternVL)"
+
+    def token_cells(self) -> tuple[int, int]:
+        return self.grid[0] // self.hyper["scale"], self.grid[1] // self.hyper["scale"]
 
     @classmethod
     def check_hyper(cls, hyper):

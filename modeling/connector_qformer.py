@@ -60,6 +60,14 @@ class QFormerConnector(Connector):
     source = "BLIP-2 Q-Former (arXiv 2301.12597) / Perceiver resampler"
 
     @classmethod
+    def hyper_for_grid(cls, grid_h: int, grid_w: int) -> dict:
+        # a fixed Q must still compress at every grid: P/4 queries, the 2x2 pools' count
+        return {"num_queries": max(1, grid_h * grid_w // 4)}
+
+    def token_cells(self) -> None:
+        return None  # each query attends to every patch (the Space draws that attention)
+
+    @classmethod
     def check_hyper(cls, hyper):
         for key in ("num_queries", "num_layers"):
             check_positive_int(cls.name, key, hyper[key])

@@ -287,3 +287,25 @@ def test_bench_connectors_measures_against_mlp_and_the_token_bound():
     assert qformer["tokens_Q"] == 64 and qformer["params"] > 0
     assert all(r["prefill_ms"] > 0 and r["connector_ms"] > 0 for r in rows)
     assert len(format_table(rows).splitlines()) == 2 + 3
+
+
+@pytest.mark.parametrize("name", list(CONNECTORS))
+def test_each_connector_says_which_image_cells_its_tokens_cover(name):
+    """What the Space draws, asked of the class: one cell per patch for the preserving connectors, the
+    pooled cells for the compressing grids, none for learned queries (which attend everywhere)."""
+    config = config_for(name, (4, 6))
+    connector = config.connector_class(config)
+    cells = connector.token_cells()
+    if name == "qformer":
+        assert cells is None
+    elif CONNECTORS[name].family == "preserving":
+        assert cells == (4, 6)
+    else:
+        assert cells == (2, 3) and cells[0] * cells[1] == config.num_image_tokens
+
+
+def test_connectors_say_what_they_need_at_a_grid_and_the_qformer_compresses_like_the_pools():
+    assert {name: cls.hyper_for_grid(8, 8) for name, cls in CONNECTORS.items() if cls.hyper_for_grid(8, 8)} == {
+        "qformer": {"num_queries": 16}}
+    assert config_for("qformer", (8, 8), **CONNECTORS["qformer"].hyper_for_grid(8, 8)).num_image_tokens == \
+        config_for("avgpool", (8, 8)).num_image_tokens == 16

@@ -145,8 +145,8 @@ def keep_picture(variant: Variant, image: Image.Image) -> Image.Image:
     base = image.resize((size, size))
     grid_h, grid_w = config.vision_grid
     connector = variant.model.model.connector
-    kind = config.connector_type
-    if kind == "qformer":
+    cells = connector.token_cells()  # the connector class says which cells its tokens cover
+    if cells is None:  # learned queries: where they look
         pixels = variant.processor.image_processor([image], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             _, attentions = connector(variant.model.model.select_vision_features(pixels), return_attentions=True)
@@ -156,20 +156,13 @@ def keep_picture(variant: Variant, image: Image.Image) -> Image.Image:
         overlay = Image.fromarray((heat.numpy() * 255).astype("uint8"), "L").resize((size, size), Image.NEAREST)
         red = Image.new("RGB", (size, size), (255, 0, 0))
         return Image.composite(red, base, overlay.point(lambda v: int(v * 0.6)))
-    if hasattr(connector, "out_grid"):
-        cells = connector.out_grid
-    elif kind == "pixel_shuffle":
-        s = config.connector_config["scale"]
-        cells = (grid_h // s, grid_w // s)
-    else:
-        cells = (grid_h, grid_w)
     draw = ImageDraw.Draw(base)
     for i in range(1, cells[0]):
         draw.line([(0, i * size / cells[0]), (size, i * size / cells[0])], fill=(255, 255, 0), width=1)
     for j in range(1, cells[1]):
         draw.line([(j * size / cells[1], 0), (j * size / cells[1], size)], fill=(255, 255, 0), width=1)
     label = f"{config.num_image_tokens} tokens"
-    if kind.startswith("dense"):
+    if len(config.connector_vision_layers) > 1:  # several encoder layers read (Dense Connector)
         label += f" from layers {config.connector_vision_layers[1:]} + {config.connector_vision_layers[0]}"
     draw.rectangle([0, 0, 8 + 6 * len(label), 14], fill=(0, 0, 0))
     draw.text((4, 2), label, fill=(255, 255, 0))
