@@ -271,30 +271,32 @@ def _cmd_convert(args) -> int:
     return 0
 
 
-def _bench_size_flags(p, image_size: int) -> None:
-    """The model size of `cvlm bench train` and `bench overhead`: tiny presets resized to it."""
-    p.add_argument("--image-size", "--image_size", type=PIXELS, default=image_size)
-    p.add_argument("--vision-width", "--vision_width", type=COUNT, default=256)
-    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, default=6)
-    p.add_argument("--llm-width", "--llm_width", type=COUNT, default=512)
-    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, default=4)
+def _bench_size_flags(p, image_size: int | None, sized: bool = True) -> None:
+    """The model size of the benchmarks: the image size, and the tiny presets resized to a width and
+    depth (`sized`: the defaults of `bench train` / `bench overhead`; else each preset's own)."""
+    _flag(p, "image-size", type=PIXELS, default=image_size)
+    for name, default in (("vision-width", 256), ("vision-layers", 6), ("llm-width", 512), ("llm-layers", 4)):
+        _flag(p, name, type=COUNT, default=default if sized else None,
+              help="tiny presets only (default " + (str(default) if sized else "the preset's own") + ")")
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train a checkpoint: --stage align | finetune (see `cvlm train --help`)")
+def _flag(p, name: str, **kwargs) -> None:
+    """--name-with-dashes, also spelled --name_with_underscores (as cvlm train's flags are)."""
+    p.add_argument(f"--{name}", *([f"--{name.replace('-', '_')}"] if "-" in name else []), **kwargs)
 
+
+def _add_build(sub) -> None:
+    """cvlm build."""
     p = sub.add_parser("build", help="build a model from a vision encoder + LM + connector and save it")
     p.add_argument("--vision", default="tiny-clip", help="Hub id, local folder, or tiny-clip / tiny-siglip")
     p.add_argument("--llm", default="tiny-llama", help="Hub id, local folder, or tiny-llama / tiny-qwen2")
     p.add_argument("--connector", default="mlp", help="a registered connector (see `cvlm connectors`)")
-    p.add_argument("--connector-arg", "--connector_arg", action="append", type=_connector_arg, metavar="KEY=VALUE",
+    _flag(p, "connector-arg", action="append", type=_connector_arg, metavar="KEY=VALUE",
                    help="a connector hyper-parameter; repeat for several")
-    p.add_argument("--image-size", "--image_size", type=PIXELS, help="square input size (pretrained encoders: position embeddings interpolated)")
-    p.add_argument("--feature-layer", "--feature_layer", type=int, nargs="+",
+    _flag(p, "image-size", type=PIXELS, help="square input size (pretrained encoders: position embeddings interpolated)")
+    _flag(p, "feature-layer", type=int, nargs="+",
                    help="vision hidden-state index (default -2); several are concatenated along channels")
-    p.add_argument("--select-strategy", "--select_strategy", choices=["default", "full"], default="default",
+    _flag(p, "select-strategy", choices=["default", "full"], default="default",
                    help="default drops the encoder's CLS/register tokens; full keeps them")
     p.add_argument("--seed", type=NATURAL, default=0, help="seed of the connector's (and presets') initialisation")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -302,27 +304,33 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --output even if it holds files this tool did not write")
     p.set_defaults(func=_cmd_build)
 
+
+def _add_eval(sub) -> None:
+    """cvlm eval."""
     p = sub.add_parser("eval", help="score a checkpoint on MME / MMBench / SEED-Bench with the granularity breakdown")
     p.add_argument("--model", required=True, help="checkpoint folder or Hub id")
     p.add_argument("--benchmark", required=True, choices=["mme", "mmbench", "seed_bench"])
     p.add_argument("--data", required=True, help="the benchmark's files (see README) or a Hub id")
-    p.add_argument("--image-folder", "--image_folder", help="SEED-Bench JSON: the folder of its images")
+    _flag(p, "image-folder", help="SEED-Bench JSON: the folder of its images")
     p.add_argument("--output", required=True, help="folder for predictions.jsonl, results.json, results.md")
     p.add_argument("--limit", type=COUNT, help="only the first N questions")
-    p.add_argument("--batch-size", "--batch_size", type=COUNT, default=8)
+    _flag(p, "batch-size", type=COUNT, default=8)
     p.add_argument("--mode", choices=["generate", "likelihood"], default="generate")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=COUNT, default=16)
+    _flag(p, "max-new-tokens", type=COUNT, default=16)
     p.add_argument("--overwrite", action="store_true",
                    help="answer every question again when --output holds another run's predictions")
-    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+    _flag(p, "trust-remote-code", action="store_true",
                    help="run the code a non-connector-vlm checkpoint names in its auto_map (read it first)")
     p.add_argument("--mapping", help="your own subtask -> granularity JSON (default: eval/granularity_mapping.json)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-card", "--no_card", action="store_true",
+    _flag(p, "no-card", action="store_true",
                    help="leave a local checkpoint as it is (by default one that cvlm wrote gets the results in its "
                         "eval_results/ and card)")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_convert_push(sub) -> None:
+    """cvlm convert and cvlm push."""
     p = sub.add_parser("convert", help="LLaVA checkpoints in and out of the family")
     p.add_argument("direction", choices=["from-llava", "to-llava"])
     p.add_argument("source", help="from-llava: a LlavaForConditionalGeneration or LLaVA-repo checkpoint; "
@@ -335,18 +343,21 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("push", help="publish a checkpoint folder (or its LoRA adapter) to the Hub in one commit")
     p.add_argument("folder")
-    p.add_argument("--repo-id", "--repo_id", required=True, help="ORG/NAME")
+    _flag(p, "repo-id", required=True, help="ORG/NAME")
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", help="a branch to push to (created if needed)")
-    p.add_argument("--commit-message", "--commit_message")
-    p.add_argument("--dry-run", "--dry_run", action="store_true", help="check and list, no network")
+    _flag(p, "commit-message")
+    _flag(p, "dry-run", action="store_true", help="check and list, no network")
     p.add_argument("--adapter", action="store_true", help="push the training run's LoRA adapter (adapter/) alone")
-    p.add_argument("--base-model", "--base_model", help="with --adapter: the Hub repo of its base checkpoint")
+    _flag(p, "base-model", help="with --adapter: the Hub repo of its base checkpoint")
     p.add_argument("--force", action="store_true", help="overwrite files the repo already holds")
-    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+    _flag(p, "trust-remote-code", action="store_true",
                    help="let the clean-process load check run modeling code that differs from this project's")
     p.set_defaults(func=_cmd_push)
 
+
+def _add_study(sub) -> None:
+    """cvlm study."""
     p = sub.add_parser("study", help="the connector paper's experiment: every connector trained, scored, reported")
     p.add_argument("--output", default="runs/study")
     p.add_argument("--connectors", nargs="+", help="registry names, optionally name:key=value,...; 'all' for the registry")
@@ -354,33 +365,36 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=NATURAL, nargs="+")
     p.add_argument("--vision")
     p.add_argument("--llm")
-    p.add_argument("--vision-width", "--vision_width", type=COUNT, help="tiny vision preset's width (default 64)")
-    p.add_argument("--llm-width", "--llm_width", type=COUNT, help="tiny LM preset's width (default 128)")
-    p.add_argument("--llm-layers", "--llm_layers", type=_number(int, 1, 64), help="tiny LM preset's depth (default 3)")
-    p.add_argument("--align-steps", "--align_steps", type=COUNT, help="default 30")
+    _flag(p, "vision-width", type=COUNT, help="tiny vision preset's width (default 64)")
+    _flag(p, "llm-width", type=COUNT, help="tiny LM preset's width (default 128)")
+    _flag(p, "llm-layers", type=_number(int, 1, 64), help="tiny LM preset's depth (default 3)")
+    _flag(p, "align-steps", type=COUNT, help="default 30")
     p.add_argument("--finetune-steps", "--finetune_steps", "--steps", type=COUNT, help="default 1000")
-    p.add_argument("--batch-size", "--batch_size", type=COUNT)
-    p.add_argument("--lm-full", "--lm_full", action=argparse.BooleanOptionalAction,
+    _flag(p, "batch-size", type=COUNT)
+    _flag(p, "lm-full", action=argparse.BooleanOptionalAction,
                    help="finetune the whole LM instead of LoRA (default: yes for a tiny preset LM, no otherwise)")
-    p.add_argument("--lora-r", "--lora_r", type=COUNT, help="LoRA rank (default 8)")
-    p.add_argument("--lora-alpha", "--lora_alpha", type=COUNT, help="LoRA alpha (default 16)")
-    p.add_argument("--align-lr", "--align_lr", type=RATE, help="default 1e-3")
-    p.add_argument("--finetune-lr", "--finetune_lr", type=RATE, help="default 1e-3")
-    p.add_argument("--pretrain-encoder-steps", "--pretrain_encoder_steps", type=NATURAL,
+    _flag(p, "lora-r", type=COUNT, help="LoRA rank (default 8)")
+    _flag(p, "lora-alpha", type=COUNT, help="LoRA alpha (default 16)")
+    _flag(p, "align-lr", type=RATE, help="default 1e-3")
+    _flag(p, "finetune-lr", type=RATE, help="default 1e-3")
+    _flag(p, "pretrain-encoder-steps", type=NATURAL,
                    help="steps of the tiny encoder's pre-training on synthetic pictures (0: keep it random)")
     p.add_argument("--workers", type=_number(int, 1, 64, "a number of processes"),
                    help="runs at once, the cores shared between them (default 2)")
-    p.add_argument("--train-per-subtask", "--train_per_subtask", type=COUNT)
-    p.add_argument("--test-per-subtask", "--test_per_subtask", type=COUNT)
-    p.add_argument("--align-data", "--align_data", help="real scale: LLaVA-format align data")
-    p.add_argument("--finetune-data", "--finetune_data", help="real scale: LLaVA-format finetune data")
-    p.add_argument("--image-folder", "--image_folder")
+    _flag(p, "train-per-subtask", type=COUNT)
+    _flag(p, "test-per-subtask", type=COUNT)
+    _flag(p, "align-data", help="real scale: LLaVA-format align data")
+    _flag(p, "finetune-data", help="real scale: LLaVA-format finetune data")
+    _flag(p, "image-folder")
     p.add_argument("--benchmark", action="append", metavar="NAME=PATH", help="real scale: mme=PATH, mmbench=PATH, ...")
     p.add_argument("--mapping", help="your own subtask -> granularity mapping")
     p.add_argument("--quick", action="store_true", help="two connectors, one resolution, one seed, few steps")
     p.add_argument("--overwrite", action="store_true", help="use --output even if it holds files this tool did not write")
     p.set_defaults(func=_cmd_study)
 
+
+def _add_small(sub) -> None:
+    """cvlm space, card, connectors and generate."""
     p = sub.add_parser("space", help="the connector comparison Space on 127.0.0.1")
     p.add_argument("--models", nargs="+", help="Hub ids or folders (default: untrained tiny presets)")
     p.add_argument("--port", type=PORT, default=7860)
@@ -388,7 +402,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("card", help="(re)write README.md of a checkpoint folder from its recorded facts")
     p.add_argument("folder")
-    p.add_argument("--repo-id", "--repo_id", help="the Hub repo the card's usage snippet names")
+    _flag(p, "repo-id", help="the Hub repo the card's usage snippet names")
     p.set_defaults(func=_cmd_card)
 
     p = sub.add_parser("connectors", help="list the connector registry")
@@ -397,29 +411,28 @@ def make_parser() -> argparse.ArgumentParser:
                    help="print the README's table (CLIP-L/14 at 224/336/448 px; --grid is not used)")
     p.add_argument("--grid", type=_number(int, 1, 1024, "a grid side"), nargs=2, default=[24, 24], metavar=("H", "W"),
                    help="patch grid (default 24 24)")
-    p.add_argument("--vision-hidden", "--vision_hidden", type=_number(int, 1, 65536), default=1024, help="encoder width C (default 1024)")
-    p.add_argument("--text-hidden", "--text_hidden", type=_number(int, 1, 65536), default=4096, help="LM width D (default 4096)")
+    _flag(p, "vision-hidden", type=_number(int, 1, 65536), default=1024, help="encoder width C (default 1024)")
+    _flag(p, "text-hidden", type=_number(int, 1, 65536), default=4096, help="LM width D (default 4096)")
     p.set_defaults(func=_cmd_connectors)
 
     p = sub.add_parser("generate", help="answer a prompt about an image with a checkpoint")
     p.add_argument("model", help="checkpoint folder or Hub id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", help="image file; repeat for several (omit for text only)")
-    p.add_argument("--demo-image", "--demo_image", action="store_true", help="add a built-in test picture")
-    p.add_argument("--max-new-tokens", "--max_new_tokens", type=COUNT, default=32)
-    p.add_argument("--trust-remote-code", "--trust_remote_code", action="store_true",
+    _flag(p, "demo-image", action="store_true", help="add a built-in test picture")
+    _flag(p, "max-new-tokens", type=COUNT, default=32)
+    _flag(p, "trust-remote-code", action="store_true",
                    help="run the code a non-connector-vlm checkpoint names in its auto_map (read it first)")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_bench(sub) -> None:
+    """cvlm bench connectors | train | overhead."""
     bench = sub.add_parser("bench", help="side-by-side speed benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("connectors", help="per connector: params, Q, connector and LM prefill time vs the P/Q bound")
     p.add_argument("--vision", default="tiny-clip")
     p.add_argument("--llm", default="tiny-llama")
-    p.add_argument("--image-size", "--image_size", type=PIXELS)
-    p.add_argument("--vision-width", "--vision_width", type=COUNT, help="tiny presets only")
-    p.add_argument("--vision-layers", "--vision_layers", type=COUNT, help="tiny presets only")
-    p.add_argument("--llm-width", "--llm_width", type=COUNT, help="tiny presets only")
-    p.add_argument("--llm-layers", "--llm_layers", type=COUNT, help="tiny presets only")
+    _bench_size_flags(p, image_size=None, sized=False)
     p.add_argument("--connectors", nargs="+", help="a subset of the registry (mlp is always measured)")
     p.add_argument("--repeats", type=COUNT, default=20)
     p.add_argument("--warmup", type=NATURAL, default=3)
@@ -430,7 +443,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = bench.add_parser("train", help="training samples/s: feature cache on/off, LoRA vs full LM")
     p.add_argument("--steps", type=COUNT, default=20)
-    p.add_argument("--batch-size", "--batch_size", type=COUNT, default=8)
+    _flag(p, "batch-size", type=COUNT, default=8)
     _bench_size_flags(p, image_size=128)
     p.add_argument("--repeats", type=COUNT, default=2)
     p.set_defaults(func=_cmd_bench_train)
@@ -438,12 +451,27 @@ def make_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("overhead", help="our model vs transformers' LlavaForConditionalGeneration, same weights")
     _bench_size_flags(p, image_size=192)
     p.add_argument("--llm", default="tiny-llama", help="any LM cvlm build takes (--llm-width / --llm-layers: presets only)")
-    p.add_argument("--new-tokens", "--new_tokens", type=COUNT, default=16)
+    _flag(p, "new-tokens", type=COUNT, default=16)
     p.add_argument("--repeats", type=COUNT, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_bench_overhead)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="cvlm", description="connector-vlm: one family of VLMs, many connectors.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a checkpoint: --stage align | finetune (see `cvlm train --help`)")
+    _add_build(sub)
+    _add_eval(sub)
+    _add_convert_push(sub)
+    _add_study(sub)
+    _add_small(sub)
+    _add_bench(sub)
     return parser
+
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

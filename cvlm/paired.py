@@ -121,3 +121,12 @@ def describe(result: dict, name: str) -> str:
     return (f"{name}: {result['difference']:+.1f} points, 95 % CI [{low:+.1f}, {high:+.1f}], p = {result['p_value']:.3f} "
             f"({result['n_questions']} questions x {result['n_seeds']} seeds; a 5-point difference needs "
             f"{result['questions_for_5_points']} questions)")
+
+
+def mean_sd(values) -> tuple[float, float]:
+    """Mean and sample standard deviation of the values that are numbers (None and NaN left out);
+    (nan, nan) for none, sd 0 for one."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

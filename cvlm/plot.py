@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless back
 
 from cvlm.eval import GRANULARITIES  # noqa: E402
 from cvlm.files import atomic_path  # noqa: E402
+from cvlm.paired import mean_sd  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p", "8", "d", "H", "1"]
 FAMILY_STYLE = {"preserving": "-", "compressing": "--"}
@@ -73,10 +74,6 @@ def _group(rows: list[dict], key) -> dict[tuple, list]:
     return groups
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def _legend(figure, axes, styles, rows) -> None:
     families = {r["connector"]: r["family"] for r in rows}
     handles = [plt.Line2D([], [], linestyle=FAMILY_STYLE[families[c]], label=f"{c} ({families[c]})", **styles[c])
@@ -120,7 +117,7 @@ def score_versus(rows: list[dict], key: str, x_label: str, path: str | os.PathLi
             runs = [r for r in rows if r["connector"] == connector]
             xs = _group(runs, lambda r: r[key])
             ys = _group(runs, lambda r: r["scores"][granularity])
-            points = sorted((resolution, _mean_sd(xs[(c, resolution)]), _mean_sd(ys[(c, resolution)]))
+            points = sorted((resolution, mean_sd(xs[(c, resolution)]), mean_sd(ys[(c, resolution)]))
                             for (c, resolution) in ys if (c, resolution) in xs)
             if not points:
                 continue

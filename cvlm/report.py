@@ -15,19 +15,12 @@ import math
 import statistics
 from pathlib import Path
 
-from cvlm.paired import EQUIVALENCE_MARGIN, compare, contrast, describe
+from cvlm.paired import EQUIVALENCE_MARGIN, compare, contrast, describe, mean_sd
 from cvlm.files import write_atomic
 from cvlm.eval import GRANULARITIES
 
 MIN_MARGIN = 2.0  # percentage points: differences below this are never called a difference
 SPEED_MARGIN = 0.10  # 10 %: speed differences below this are never called a difference
-
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def _seed_means(rows: list[dict], key) -> list[float]:
@@ -74,7 +67,7 @@ def verdict_family_gap(rows: list[dict], granularity: str) -> dict:
     key = lambda r: r["scores"].get(granularity)  # noqa: E731
     preserving = _seed_means([r for r in rows if r["family"] == "preserving"], key)
     compressing = _seed_means([r for r in rows if r["family"] == "compressing"], key)
-    (p, p_sd), (c, c_sd) = _mean_sd(preserving), _mean_sd(compressing)
+    (p, p_sd), (c, c_sd) = mean_sd(preserving), mean_sd(compressing)
     return {"preserving": p, "preserving_sd": p_sd, "compressing": c, "compressing_sd": c_sd,
             "difference": p - c, "margin": margin_for(rows, key), "n": (len(preserving), len(compressing))}
 
@@ -89,7 +82,7 @@ def _family(rows: list[dict], family: str) -> list[dict]:
 
 def _means(rows: list[dict], granularity: str) -> str:
     key = lambda r: r["scores"].get(granularity)  # noqa: E731
-    return " vs ".join(f"{family} {_fmt(*_mean_sd(_seed_means(_family(rows, family), key)))} %"
+    return " vs ".join(f"{family} {_fmt(*mean_sd(_seed_means(_family(rows, family), key)))} %"
                        for family in ("preserving", "compressing"))
 
 
@@ -195,8 +188,8 @@ def claim_faster(rows: list[dict]) -> dict:
     out = {}
     for name, key, higher_is_faster in (("training samples/s", "train_samples_per_s", True),
                                         ("prefill latency (ms)", "prefill_ms", False)):
-        p = _mean_sd(_seed_means([r for r in rows if r["family"] == "preserving"], lambda r: r.get(key)))[0]
-        c = _mean_sd(_seed_means([r for r in rows if r["family"] == "compressing"], lambda r: r.get(key)))[0]
+        p = mean_sd(_seed_means([r for r in rows if r["family"] == "preserving"], lambda r: r.get(key)))[0]
+        c = mean_sd(_seed_means([r for r in rows if r["family"] == "compressing"], lambda r: r.get(key)))[0]
         out[name] = (p, c, (c / p) if higher_is_faster else (p / c))
     speedups = [s for _, _, s in out.values()]
     if any(math.isnan(s) for s in speedups):
@@ -235,7 +228,7 @@ def claim_ranking(rows: list[dict]) -> dict:
         return {"claim": claim, "verdict": verdict, "statistics": {"avgpool-cabstractor": pair, **{
             f"{n}-qformer": r for n, r in over_q.items()}}, "evidence": evidence}
     key = lambda r: statistics.fmean(r["scores"][g] for g in GRANULARITIES)  # noqa: E731
-    stats = {name: _mean_sd(_seed_means([r for r in rows if r["connector"].startswith(name)], key))
+    stats = {name: mean_sd(_seed_means([r for r in rows if r["connector"].startswith(name)], key))
              for name in ("avgpool", "cabstractor", "qformer")}
     margin = margin_for([r for r in rows if r["connector"].split("-")[0] in stats], key)
     (a, _), (c, _), (q, _) = stats["avgpool"], stats["cabstractor"], stats["qformer"]
@@ -261,7 +254,7 @@ def claim_resolution(rows: list[dict]) -> dict:
     low, mid, high = ([r for r in rows if r["resolution"] == res] for res in resolutions[:3])
     sizes = ", ".join(map(str, resolutions[:3]))
     key = lambda r: statistics.fmean(r["scores"][g] for g in GRANULARITIES)  # noqa: E731
-    means = [_mean_sd(_seed_means(group, key))[0] for group in (low, mid, high)]
+    means = [mean_sd(_seed_means(group, key))[0] for group in (low, mid, high)]
     scores = f"mean score at {sizes} px: {', '.join(f'{m:.1f}' for m in means)} %"
     if _has_questions(rows):
         # the same question index at each size asks the same kind of question about a picture drawn at that size
@@ -405,7 +398,7 @@ def write_report(root: Path, result: dict) -> None:
     for (connector, resolution), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         r0 = runs[0]
         lines.append(f"| {connector} | {r0['family']} | {resolution} | {r0['tokens']} | "
-                     + " | ".join(_fmt(*_mean_sd([r["scores"][g] for r in runs])) for g in GRANULARITIES)
+                     + " | ".join(_fmt(*mean_sd([r["scores"][g] for r in runs])) for g in GRANULARITIES)
                      + f" | {statistics.fmean(r['train_wall_s'] for r in runs):.1f} | "
                      f"{statistics.fmean(r['train_samples_per_s'] for r in runs):.1f} | "
                      f"{statistics.fmean(r['prefill_ms'] for r in runs):.1f} |")
