@@ -57,24 +57,8 @@ def _features(vision, pixel_values, feature_layer: int, grid_tokens: int) -> tor
     return out.hidden_states[feature_layer][:, -grid_tokens:]
 
 
-def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 300, batch_size: int = 32,
-                     pictures: int = 2000, seed: int = 0, vision: str = "tiny-clip", width: int | None = None,
-                     layers: int | None = None, feature_layer: int = -2, lr: float = 3e-3) -> Path:
-    """Pre-trains (or, when `output` already holds this exact run, reuses) a tiny vision encoder;
-    returns the folder. Written atomically: an interrupted run leaves nothing behind."""
-    from cvlm.build import load_vision
-
-    output = check_output(output)
-    facts = {"vision": vision, "image_size": image_size, "steps": steps, "batch_size": batch_size,
-             "pictures": pictures, "seed": seed, "width": width, "layers": layers, "feature_layer": feature_layer,
-             "lr": lr, "patch_labels": PATCH_LABELS, "scene_labels": SCENE_LABELS}
-    if (output / FACTS).exists():
-        saved = read_json(output / FACTS, "encoder facts")
-        if {k: saved.get(k) for k in facts} == facts and (output / "model.safetensors").is_file():
-            return output
-    vision_model, processor = load_vision(vision, image_size, "float32", seed, width, layers)
-    patch_size = vision_model.config.patch_size
-    grid_tokens = (image_size // patch_size) ** 2
+def _pictures(processor, image_size: int, patch_size: int, pictures: int, seed: int):
+    """The synthetic pictures (every subtask in turn) as pixels, with their per-patch and scene labels."""
     difficulty = Difficulty(image_size=image_size, object_size=max(2, round(6 * image_size / 64)))
     rng = random.Random(f"{seed}-encoder")
     subtasks = list(SUBTASKS)
@@ -82,21 +66,23 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
     pixels = processor([item.image for item in items], return_tensors="pt")["pixel_values"]
     patch_y = torch.stack([patch_targets(item.scene, image_size, patch_size) for item in items]).flatten(1, 2)
     scene_y = {k: torch.tensor([v.index(item.scene[k]) for item in items]) for k, v in SCENE_LABELS.items()}
+    return pixels, patch_y, scene_y
 
-    torch.manual_seed(seed)
-    heads = _Heads(vision_model.config.hidden_size)
+
+def _fit(vision_model, heads, data, train_count: int, steps: int, batch_size: int, lr: float, seed: int,
+         feature_layer: int, grid_tokens: int, image_size: int) -> list[list]:
+    """Trains the encoder and the heads on the first `train_count` pictures; [step, loss] per step. The
+    models come back on the CPU in eval mode."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vision_model.to(device)
     heads.to(device)
-    pixels, patch_y, scene_y = pixels.to(device), patch_y.to(device), {k: v.to(device) for k, v in scene_y.items()}
+    pixels, patch_y, scene_y = data[0].to(device), data[1].to(device), {k: v.to(device) for k, v in data[2].items()}
     vision_model.train()
     params = [*vision_model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     generator = torch.Generator().manual_seed(seed)
-    held_out = min(256, pictures // 4)  # the last pictures: never trained on, they measure the heads
-    train_count = pictures - held_out
     pos_weight = ((1 - patch_y.mean((0, 1))) / patch_y.mean((0, 1)).clamp_min(1e-4)).clamp(1, 100)
     bar = tqdm(range(steps), desc=f"pre-training the encoder ({image_size} px)", unit="step")
     losses = []
@@ -117,7 +103,34 @@ def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 30
             bar.set_postfix(loss=f"{loss.item():.3f}")
     vision_model.eval().to("cpu")
     heads.to("cpu")
-    pixels, patch_y, scene_y = pixels.cpu(), patch_y.cpu(), {k: v.cpu() for k, v in scene_y.items()}
+    return losses
+
+
+def pretrain_encoder(output: str | os.PathLike, image_size: int, steps: int = 300, batch_size: int = 32,
+                     pictures: int = 2000, seed: int = 0, vision: str = "tiny-clip", width: int | None = None,
+                     layers: int | None = None, feature_layer: int = -2, lr: float = 3e-3) -> Path:
+    """Pre-trains (or, when `output` already holds this exact run, reuses) a tiny vision encoder;
+    returns the folder. Written atomically: an interrupted run leaves nothing behind."""
+    from cvlm.build import load_vision
+
+    output = check_output(output)
+    facts = {"vision": vision, "image_size": image_size, "steps": steps, "batch_size": batch_size,
+             "pictures": pictures, "seed": seed, "width": width, "layers": layers, "feature_layer": feature_layer,
+             "lr": lr, "patch_labels": PATCH_LABELS, "scene_labels": SCENE_LABELS}
+    if (output / FACTS).exists():
+        saved = read_json(output / FACTS, "encoder facts")
+        if {k: saved.get(k) for k in facts} == facts and (output / "model.safetensors").is_file():
+            return output
+    vision_model, processor = load_vision(vision, image_size, "float32", seed, width, layers)
+    patch_size = vision_model.config.patch_size
+    grid_tokens = (image_size // patch_size) ** 2
+    pixels, patch_y, scene_y = _pictures(processor, image_size, patch_size, pictures, seed)
+    torch.manual_seed(seed)
+    heads = _Heads(vision_model.config.hidden_size)
+    held_out = min(256, pictures // 4)  # the last pictures: never trained on, they measure the heads
+    train_count = pictures - held_out
+    losses = _fit(vision_model, heads, (pixels, patch_y, scene_y), train_count, steps=steps, batch_size=batch_size,
+                  lr=lr, seed=seed, feature_layer=feature_layer, grid_tokens=grid_tokens, image_size=image_size)
     with torch.no_grad():  # how well the heads read the held-out end of the pictures
         held = slice(train_count, None)
         feats = _features(vision_model, pixels[held], feature_layer, grid_tokens)

@@ -294,11 +294,29 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
     root = check_output(config.output, overwrite)
     root.mkdir(parents=True, exist_ok=True)
     write_atomic(root / "study_config.json", json.dumps(asdict(config), indent=2))
+    total, rows, jobs = _plan(root, config)
+    _attach_data(root, config, jobs)
+    failures = _execute(jobs, rows, total, config.workers)
+    rows = [rows[i] for i in sorted(rows)]
+    timing = quiet_timing(root, rows, config) if rows else []
+    baselines = _baselines(root, rows) if rows and not config.benchmarks else None
+    chance = baselines["chance"] if baselines else None
+    result = {"config": asdict(config), "runs": rows, "failures": failures, "timing": timing,
+              "verdicts": verdicts(rows, chance, timing) if rows else []}
+    if baselines:
+        result["baselines"] = {**baselines, "learnt": learnt(rows, chance)}
+    write_atomic(root / "results.json", json.dumps(result, indent=2))
+    write_report(root, result)
+    _keep_checkpoints(root, rows, config)
+    return result
+
+
+def _plan(root: Path, config: StudyConfig) -> tuple[int, dict[int, dict], dict[int, dict]]:
+    """(number of runs, rows of the runs finished before with the same fingerprint, jobs of the others),
+    keyed by the run's place in the grid."""
     specs = [parse_connector(c) for c in config.connectors]
     runs = [(spec, res, seed) for res in config.resolutions for spec in specs for seed in config.seeds]
-    rows: dict[int, dict] = {}
-    failures: list[dict] = []
-    jobs: dict[int, dict] = {}
+    rows, jobs = {}, {}
     for i, (spec, resolution, seed) in enumerate(runs):
         run_dir = root / "runs" / f"{spec[2]}-{resolution}px-seed{seed}"
         job = {"run_dir": str(run_dir), "spec": spec, "resolution": resolution, "seed": seed,
@@ -307,10 +325,15 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
         finished = _finished_row(run_dir, job["fingerprint"])
         if finished:  # finished before with the same settings: kept as it is
             rows[i] = finished
-            continue
-        jobs[i] = job
+        else:
+            jobs[i] = job
+    return len(runs), rows, jobs
+
+
+def _attach_data(root: Path, config: StudyConfig, jobs: dict[int, dict]) -> None:
+    """Data and encoders first, once per resolution, with every core."""
     data_by_resolution = {}
-    for job in jobs.values():  # data and encoders first, once per resolution, with every core
+    for job in jobs.values():
         resolution = job["resolution"]
         if resolution not in data_by_resolution:
             if config.benchmarks:
@@ -323,8 +346,13 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
             data["vision"] = _encoder(root, resolution, config)
             data_by_resolution[resolution] = data
         job["data"] = data_by_resolution[resolution]
-    workers = max(1, min(config.workers, len(jobs)))
-    bar = tqdm(total=len(runs), initial=len(rows), desc="cvlm study", unit="run")
+
+
+def _execute(jobs: dict[int, dict], rows: dict[int, dict], total: int, workers: int) -> list[dict]:
+    """Runs the jobs (in a process pool when `workers` > 1), filling `rows`; returns the failures."""
+    failures = []
+    workers = max(1, min(workers, len(jobs)))
+    bar = tqdm(total=total, initial=len(rows), desc="cvlm study", unit="run")
     if workers == 1:
         outcomes = ((i, _run_job(job)) for i, job in jobs.items())
     else:  # small models use one core each better than two: one run per core, the cores shared out
@@ -348,19 +376,7 @@ def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
     bar.close()
     if workers > 1:
         pool.shutdown()
-    rows = [rows[i] for i in sorted(rows)]
-    failures.sort(key=lambda f: f["run"])
-    timing = quiet_timing(root, rows, config) if rows else []
-    baselines = _baselines(root, rows) if rows and not config.benchmarks else None
-    chance = baselines["chance"] if baselines else None
-    result = {"config": asdict(config), "runs": rows, "failures": failures, "timing": timing,
-              "verdicts": verdicts(rows, chance, timing) if rows else []}
-    if baselines:
-        result["baselines"] = {**baselines, "learnt": learnt(rows, chance)}
-    write_atomic(root / "results.json", json.dumps(result, indent=2))
-    write_report(root, result)
-    _keep_checkpoints(root, rows, config)
-    return result
+    return sorted(failures, key=lambda f: f["run"])
 
 
 def quiet_timing(root: Path, rows: list[dict], config: StudyConfig) -> list[dict]:

@@ -319,8 +319,33 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     model, processor = load_checkpoint(model_id, trust_remote_code, dtype=getattr(torch, dtype))
     model = model.to(device)
     processor.tokenizer.padding_side = "left"  # batches end where generation starts, whatever the checkpoint says
-    answer = _answer_generate if mode == "generate" else _answer_likelihood
     path = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
+    _answer_batches(model, processor, batches, path, benchmark, metric, mode, max_new_tokens, rank)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+
+    done = _read_predictions(out)
+    rows = [done[q.id] for q in questions if q.id in done]
+    write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for stale in out.glob("predictions.rank*.jsonl"):
+        stale.unlink()
+    results = {"benchmark": benchmark, "model": model_id, "data": data, "mode": mode, "num_questions": len(rows),
+               "unreadable_rows": problems, **score(benchmark, rows, metric, mapping_file or MAPPING_FILE),
+               "questions": question_outcomes(benchmark, rows), "speed": _speed(rows, model, device, batch_size)}
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(out / "results.md", markdown(results))
+    if update_card:
+        record_in_checkpoint(model_id, benchmark, results)
+    return results
+
+
+def _answer_batches(model, processor, batches: list[list[Question]], path: Path, benchmark: str, metric, mode: str,
+                    max_new_tokens: int, rank: int) -> None:
+    """Answers each batch and appends its rows to `path`, flushed to disk batch by batch (what a resumed
+    run reads back)."""
+    answer = _answer_generate if mode == "generate" else _answer_likelihood
     if path.exists():  # drop a line an interruption cut short, so that appended lines stay whole
         kept = [line for line in path.read_text().splitlines() if _parses(line)]
         write_atomic(path, "".join(line + "\n" for line in kept))
@@ -336,38 +361,21 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
             handle.flush()
             os.fsync(handle.fileno())
             bar.update(len(batch))
-    if world > 1:
-        torch.distributed.barrier()
-    if rank != 0:
-        return None
 
-    done = _read_predictions(out)
-    rows = [done[q.id] for q in questions if q.id in done]
-    write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    for stale in out.glob("predictions.rank*.jsonl"):
-        stale.unlink()
-    scored = score(benchmark, rows, metric, mapping_file or MAPPING_FILE)
+
+def _speed(rows: list[dict], model, device: str, batch_size: int) -> dict:
     batches = {r["batch"]: r for r in rows}  # timing is per batch: count each batch once
     decode_s = sum(b["decode_s"] for b in batches.values())
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    results = {
-        "benchmark": benchmark, "model": model_id, "data": data, "mode": mode, "num_questions": len(rows),
-        "unreadable_rows": problems, **scored, "questions": question_outcomes(benchmark, rows),
-        "speed": {
-            "visual_tokens_per_image": model.config.num_image_tokens,
-            "mean_prefill_latency_s": sum(b["prefill_s"] for b in batches.values()) / len(batches),
-            "decode_tokens_per_s": (sum(b["decode_tokens"] for b in batches.values()) / decode_s) if decode_s else None,
-            "peak_memory_mb": peak, "peak_memory_kind": "cuda allocated" if device == "cuda" else "process max RSS",
-            "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
-            "batch_size": batch_size,
-        },
+    return {
+        "visual_tokens_per_image": model.config.num_image_tokens,
+        "mean_prefill_latency_s": sum(b["prefill_s"] for b in batches.values()) / len(batches),
+        "decode_tokens_per_s": (sum(b["decode_tokens"] for b in batches.values()) / decode_s) if decode_s else None,
+        "peak_memory_mb": peak, "peak_memory_kind": "cuda allocated" if device == "cuda" else "process max RSS",
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "batch_size": batch_size,
     }
-    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(out / "results.md", markdown(results))
-    if update_card:
-        record_in_checkpoint(model_id, benchmark, results)
-    return results
 
 
 CHECKPOINT_MARKERS = ("cvlm_build.json", "cvlm_training.json", "cvlm_convert.json")  # what cvlm writes in a model folder

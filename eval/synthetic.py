@@ -174,77 +174,98 @@ COARSE = {
 }
 
 
+def _object_colour(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    colour = rng.choice([k for k in COLOURS if k != "black"])
+    c.distractors(("triangle", "circle"))
+    c.shape("square", colour)
+    return _item(rng, "object_colour", c, "What colour is the small square?", [k for k in COLOURS if k != "black"], colour,
+                 lambda v: f"Is the small square {v}?")
+
+
+def _object_location(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    quadrant = rng.choice(QUADRANTS)
+    half = d.image_size // 2
+    qx, qy = (0 if "left" in quadrant else half), (0 if "top" in quadrant else half)
+    c.distractors(("triangle", "circle"))
+    c.shape("square", rng.choice(["red", "blue", "green"]), region=(qx + 1, qy + 1, qx + half - 1, qy + half - 1))
+    return _item(rng, "object_location", c, "Where is the small square?", list(QUADRANTS), quadrant,
+                 lambda v: f"Is the small square in the {v} of the picture?")
+
+
+def _count(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    n = rng.randint(1, 4)
+    for _ in range(n):
+        c.shape("circle", rng.choice(["red", "blue", "green", "purple"]))
+    for _ in range(rng.randint(0, 2)):
+        c.shape("triangle", rng.choice(["red", "blue", "green", "purple"]))
+    return _item(rng, "count", c, "How many small circles are there?", ["1", "2", "3", "4"], str(n),
+                 lambda v: f"Are there {v} small circles?")
+
+
+def _digit(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    value = rng.choice(list(DIGITS))
+    c.distractors(("triangle", "circle"))
+    c.digit(value, scale=max(1, d.object_size // 5))
+    return _item(rng, "digit", c, "Which digit is written in the picture?", list(DIGITS), value,
+                 lambda v: f"Is the digit {v} written in the picture?")
+
+
+def _left_of(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    left = rng.random() < 0.5
+    half = d.image_size // 2
+    red_region = (1, 1, half - 2, d.image_size - 1) if left else (half + 1, 1, d.image_size - 1, d.image_size - 1)
+    blue_region = (half + 1, 1, d.image_size - 1, d.image_size - 1) if left else (1, 1, half - 2, d.image_size - 1)
+    c.shape("square", "red", region=red_region)
+    c.shape("square", "blue", region=blue_region)
+    c.distractors(("triangle",), avoid_colours=("red", "blue"))
+    truth = "left" if left else "right"
+    return _item(rng, "left_of", c, "Is the red square to the left or to the right of the blue square?",
+                 ["left", "right"], truth, lambda v: f"Is the red square to the {v} of the blue square?")
+
+
+def _more(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    a, b = rng.sample(range(1, 5), 2)
+    for _ in range(a):
+        c.shape("circle", rng.choice(["red", "blue", "green"]))
+    for _ in range(b):
+        c.shape("square", rng.choice(["red", "blue", "green"]))
+    truth = "circles" if a > b else "squares"
+    return _item(rng, "more", c, "Are there more circles or more squares?", ["circles", "squares"], truth,
+                 lambda v: f"Are there more {v} than {'squares' if v == 'circles' else 'circles'}?")
+
+
+def _larger(rng: random.Random, d: Difficulty) -> Item:
+    c = Canvas(rng, d)
+    small, big = d.object_size, d.object_size * 2
+    circle_big = rng.random() < 0.5
+    c.shape("circle", rng.choice(["red", "blue"]), size=big if circle_big else small)
+    c.shape("square", rng.choice(["green", "purple"]), size=small if circle_big else big)
+    c.distractors(("triangle",))
+    truth = "circle" if circle_big else "square"
+    return _item(rng, "larger", c, "Which is larger, the circle or the square?", ["circle", "square"], truth,
+                 lambda v: f"Is the {v} larger than the {'square' if v == 'circle' else 'circle'}?")
+
+
+# the subtasks that ask about something in the picture, each drawn by its own function
+MAKERS = {"object_colour": _object_colour, "object_location": _object_location, "count": _count, "digit": _digit,
+          "left_of": _left_of, "more": _more, "larger": _larger}
+
+
 def make_item(subtask: str, rng: random.Random, d: Difficulty = Difficulty()) -> Item:
     if subtask in COARSE:
         attribute, question, values, yes_no = COARSE[subtask]
         c = Canvas(rng, d)
         c.distractors(("triangle", "circle", "square"))
         return _item(rng, subtask, c, question, values, getattr(c, attribute), yes_no.format)
-    if subtask == "object_colour":
-        c = Canvas(rng, d)
-        colour = rng.choice([k for k in COLOURS if k != "black"])
-        c.distractors(("triangle", "circle"))
-        c.shape("square", colour)
-        return _item(rng, subtask, c, "What colour is the small square?", [k for k in COLOURS if k != "black"], colour,
-                     lambda v: f"Is the small square {v}?")
-    if subtask == "object_location":
-        c = Canvas(rng, d)
-        quadrant = rng.choice(QUADRANTS)
-        half = d.image_size // 2
-        qx, qy = (0 if "left" in quadrant else half), (0 if "top" in quadrant else half)
-        c.distractors(("triangle", "circle"))
-        c.shape("square", rng.choice(["red", "blue", "green"]), region=(qx + 1, qy + 1, qx + half - 1, qy + half - 1))
-        return _item(rng, subtask, c, "Where is the small square?", list(QUADRANTS), quadrant,
-                     lambda v: f"Is the small square in the {v} of the picture?")
-    if subtask == "count":
-        c = Canvas(rng, d)
-        n = rng.randint(1, 4)
-        for _ in range(n):
-            c.shape("circle", rng.choice(["red", "blue", "green", "purple"]))
-        for _ in range(rng.randint(0, 2)):
-            c.shape("triangle", rng.choice(["red", "blue", "green", "purple"]))
-        return _item(rng, subtask, c, "How many small circles are there?", ["1", "2", "3", "4"], str(n),
-                     lambda v: f"Are there {v} small circles?")
-    if subtask == "digit":
-        c = Canvas(rng, d)
-        value = rng.choice(list(DIGITS))
-        c.distractors(("triangle", "circle"))
-        c.digit(value, scale=max(1, d.object_size // 5))
-        return _item(rng, subtask, c, "Which digit is written in the picture?", list(DIGITS), value,
-                     lambda v: f"Is the digit {v} written in the picture?")
-    if subtask == "left_of":
-        c = Canvas(rng, d)
-        left = rng.random() < 0.5
-        half = d.image_size // 2
-        red_region = (1, 1, half - 2, d.image_size - 1) if left else (half + 1, 1, d.image_size - 1, d.image_size - 1)
-        blue_region = (half + 1, 1, d.image_size - 1, d.image_size - 1) if left else (1, 1, half - 2, d.image_size - 1)
-        c.shape("square", "red", region=red_region)
-        c.shape("square", "blue", region=blue_region)
-        c.distractors(("triangle",), avoid_colours=("red", "blue"))
-        truth = "left" if left else "right"
-        return _item(rng, subtask, c, "Is the red square to the left or to the right of the blue square?",
-                     ["left", "right"], truth, lambda v: f"Is the red square to the {v} of the blue square?")
-    if subtask == "more":
-        c = Canvas(rng, d)
-        a, b = rng.sample(range(1, 5), 2)
-        for _ in range(a):
-            c.shape("circle", rng.choice(["red", "blue", "green"]))
-        for _ in range(b):
-            c.shape("square", rng.choice(["red", "blue", "green"]))
-        truth = "circles" if a > b else "squares"
-        return _item(rng, subtask, c, "Are there more circles or more squares?", ["circles", "squares"], truth,
-                     lambda v: f"Are there more {v} than {'squares' if v == 'circles' else 'circles'}?")
-    if subtask == "larger":
-        c = Canvas(rng, d)
-        small, big = d.object_size, d.object_size * 2
-        circle_big = rng.random() < 0.5
-        c.shape("circle", rng.choice(["red", "blue"]), size=big if circle_big else small)
-        c.shape("square", rng.choice(["green", "purple"]), size=small if circle_big else big)
-        c.distractors(("triangle",))
-        truth = "circle" if circle_big else "square"
-        return _item(rng, subtask, c, "Which is larger, the circle or the square?", ["circle", "square"], truth,
-                     lambda v: f"Is the {v} larger than the {'square' if v == 'circle' else 'circle'}?")
-    raise ValueError(f"Unknown synthetic subtask {subtask!r}. Allowed values: {', '.join(SUBTASKS)}.")
+    if subtask not in MAKERS:
+        raise ValueError(f"Unknown synthetic subtask {subtask!r}. Allowed values: {', '.join(SUBTASKS)}.")
+    return MAKERS[subtask](rng, d)
 
 
 def mcq_prompt(item: Item) -> str:

@@ -373,53 +373,67 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
     output = Path(args.output_dir)
     if trainer.is_world_process_zero():
-        final = model
-        if hasattr(model, "merge_and_unload"):
-            if model_args.save_adapter:
-                model.save_pretrained(output / "adapter")
-            final = model.merge_and_unload()
-        save_checkpoint(final, processor, output, keep_existing=True)
-        if (Path(model_args.model) / BUILD_FACTS).exists():
-            shutil.copy2(Path(model_args.model) / BUILD_FACTS, output / BUILD_FACTS)
-        losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
-        facts = {
-            "stage": model_args.stage,
-            "started_from": model_args.model,
-            "previous_stages": (facts_in or {}).get("previous_stages", []) + ([facts_in] if facts_in else []),
-            "data": data_args.data,
-            "samples": len(samples),
-            "skipped_samples": len(records) - len(samples),
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
-            "learning_rate": args.learning_rate,
-            "connector_lr": model_args.connector_lr,
-            "lora": None if model_args.stage == "align" or model_args.lm_full else asdict(lora_args),
-            "lm_full": model_args.lm_full,
-            "feature_cache": bool(cache),
-            "trainable_parameters": trainable,
-            "final_loss": losses[-1][1] if losses else None,
-            "losses": losses,
-            "wall_time_s": round(time.time() - start, 1),
-            "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-            "world_size": args.world_size,
-            "samples_per_second": result.metrics.get("train_samples_per_second"),
-        }
-        write_atomic(output / TRAINING_FACTS, json.dumps(facts, indent=2) + "\n")
-        # where the transformers example scripts leave them: train_results.json, all_results.json,
-        # trainer_state.json (the whole log history)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-        write_card(output)
-        if losses:
-            from cvlm.plot import line_plot
-
-            line_plot([s for s, _ in losses], [l for _, l in losses], output / "loss.png",
-                      title=f"cvlm train --stage {model_args.stage}", x_label="step", y_label="training loss")
-        parts = ", ".join(f"{k} {v:,}" for k, v in facts["trainable_parameters"].items() if v)
-        print(f"cvlm train: {facts['steps']} steps, {facts['samples_per_second'] or 0:.1f} samples/s, "
-              f"trainable: {parts}; final loss {facts['final_loss']}; checkpoint in {output}")
+        facts = _training_facts(model_args, data_args, lora_args, args, trainer, facts_in, trainable,
+                                samples=len(samples), skipped=len(records) - len(samples), cached=bool(cache),
+                                samples_per_second=result.metrics.get("train_samples_per_second"), start=start)
+        _write_outputs(output, model, processor, model_args, facts, trainer, result)
     return output
+
+
+def _training_facts(model_args, data_args, lora_args, args, trainer, facts_in, trainable, samples: int, skipped: int,
+                    cached: bool, samples_per_second, start: float) -> dict:
+    """What the card and the next stage read: the run's settings, its losses and where it ran."""
+    losses = [(log["step"], log["loss"]) for log in trainer.state.log_history if "loss" in log]
+    return {
+        "stage": model_args.stage,
+        "started_from": model_args.model,
+        "previous_stages": (facts_in or {}).get("previous_stages", []) + ([facts_in] if facts_in else []),
+        "data": data_args.data,
+        "samples": samples,
+        "skipped_samples": skipped,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_batch_size": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+        "learning_rate": args.learning_rate,
+        "connector_lr": model_args.connector_lr,
+        "lora": None if model_args.stage == "align" or model_args.lm_full else asdict(lora_args),
+        "lm_full": model_args.lm_full,
+        "feature_cache": cached,
+        "trainable_parameters": trainable,
+        "final_loss": losses[-1][1] if losses else None,
+        "losses": losses,
+        "wall_time_s": round(time.time() - start, 1),
+        "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "world_size": args.world_size,
+        "samples_per_second": samples_per_second,
+    }
+
+
+def _write_outputs(output: Path, model, processor, model_args, facts: dict, trainer, result) -> None:
+    """The merged checkpoint (and the LoRA adapter when asked), its facts, card and loss plot, and the
+    Trainer's own state and metrics files."""
+    final = model
+    if hasattr(model, "merge_and_unload"):
+        if model_args.save_adapter:
+            model.save_pretrained(output / "adapter")
+        final = model.merge_and_unload()
+    save_checkpoint(final, processor, output, keep_existing=True)
+    if (Path(model_args.model) / BUILD_FACTS).exists():
+        shutil.copy2(Path(model_args.model) / BUILD_FACTS, output / BUILD_FACTS)
+    write_atomic(output / TRAINING_FACTS, json.dumps(facts, indent=2) + "\n")
+    # where the transformers example scripts leave them: train_results.json, all_results.json,
+    # trainer_state.json (the whole log history)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    write_card(output)
+    if facts["losses"]:
+        from cvlm.plot import line_plot
+
+        line_plot([s for s, _ in facts["losses"]], [l for _, l in facts["losses"]], output / "loss.png",
+                  title=f"cvlm train --stage {model_args.stage}", x_label="step", y_label="training loss")
+    parts = ", ".join(f"{k} {v:,}" for k, v in facts["trainable_parameters"].items() if v)
+    print(f"cvlm train: {facts['steps']} steps, {facts['samples_per_second'] or 0:.1f} samples/s, "
+          f"trainable: {parts}; final loss {facts['final_loss']}; checkpoint in {output}")
 
 
 def main(argv: list[str] | None = None) -> int:

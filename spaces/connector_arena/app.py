@@ -221,6 +221,36 @@ def padded(values: list[float], fraction: float = 0.12) -> list[float]:
     return [low - margin, high + margin]
 
 
+def variant_column(v: Variant) -> list:
+    """One variant's column: what it is, then (filled per request) what it keeps, its answer, its costs."""
+    with gr.Column(min_width=220):
+        info = v.info()
+        if v.error:
+            gr.Markdown(f"### {v.label}\n**Failed to load.** {v.error}")
+            return []
+        scores = ", ".join(f"{k} {s}" for k, s in info["scores"].items()) or "no scores recorded"
+        gr.Markdown(f"### {v.label}\n`{info['connector']}` · {info['family']} · Q = "
+                    f"{info['visual_tokens']} · {info['connector_parameters']:,} connector parameters\n\n"
+                    f"Scores (macro %): {scores}")
+        keeps = gr.Image(label="what it keeps", height=200, interactive=False)
+        answer = gr.Textbox(label="answer", lines=2)
+        costs = gr.Dataframe(headers=COST_HEADERS, label="costs of this request", interactive=False, wrap=True)
+        return [keeps, answer, costs]
+
+
+def scatter(variants: list[Variant]) -> None:
+    """Fine-grained accuracy against visual tokens, for the variants whose cards record it."""
+    scored = [(v, s) for v in variants for k, s in v.scores.items() if k.endswith("fine")]
+    if scored:
+        import pandas as pd
+
+        tokens, fine = [v.config.num_image_tokens for v, _ in scored], [s for _, s in scored]
+        gr.ScatterPlot(pd.DataFrame({"visual tokens": tokens, "fine-grained %": fine,
+                                     "variant": [v.label for v, _ in scored]}),
+                       x="visual tokens", y="fine-grained %", color="variant", title="accuracy vs visual tokens",
+                       x_lim=padded(tokens), y_lim=padded(fine))
+
+
 def build_demo(variants: list[Variant]) -> gr.Blocks:
     ok = [v for v in variants if not v.error]
     with gr.Blocks(title="Connector arena") as demo:
@@ -241,29 +271,8 @@ def build_demo(variants: list[Variant]) -> gr.Blocks:
         outputs = []
         with gr.Row():
             for v in variants:
-                with gr.Column(min_width=220):
-                    info = v.info()
-                    if v.error:
-                        gr.Markdown(f"### {v.label}\n**Failed to load.** {v.error}")
-                        continue
-                    scores = ", ".join(f"{k} {s}" for k, s in info["scores"].items()) or "no scores recorded"
-                    gr.Markdown(f"### {v.label}\n`{info['connector']}` · {info['family']} · Q = "
-                                f"{info['visual_tokens']} · {info['connector_parameters']:,} connector parameters\n\n"
-                                f"Scores (macro %): {scores}")
-                    keeps = gr.Image(label="what it keeps", height=200, interactive=False)
-                    answer = gr.Textbox(label="answer", lines=2)
-                    costs = gr.Dataframe(headers=COST_HEADERS, label="costs of this request", interactive=False,
-                                         wrap=True)
-                    outputs += [keeps, answer, costs]
-        scored = [(v, s) for v in ok for k, s in v.scores.items() if k.endswith("fine")]
-        if scored:
-            import pandas as pd
-
-            tokens, fine = [v.config.num_image_tokens for v, _ in scored], [s for _, s in scored]
-            gr.ScatterPlot(pd.DataFrame({"visual tokens": tokens, "fine-grained %": fine,
-                                         "variant": [v.label for v, _ in scored]}),
-                           x="visual tokens", y="fine-grained %", color="variant", title="accuracy vs visual tokens",
-                           x_lim=padded(tokens), y_lim=padded(fine))
+                outputs += variant_column(v)
+        scatter(ok)
 
         def compare(image_path, question):
             if not question or not question.strip():
