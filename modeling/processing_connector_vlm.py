@@ -47,7 +47,15 @@ class ConnectorVLMProcessor(ProcessorMixin):
         return super().__call__(images=_rgb_images(images), text=text, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """What one <image> becomes: Q copies of it. The one owner of the expansion, for inference
+        (`__call__`) and training (`expand_image_tokens`) alike."""
         return self.image_token * self.num_image_tokens
+
+    def expand_image_tokens(self, text: str) -> str:
+        """`text` with each <image> expanded as `__call__` expands it. Training tokenizes each prompt and
+        answer apart (to mask the prompts in the labels), so it expands text here rather than in `__call__`."""
+        parts = text.split(self.image_token)
+        return parts[0] + "".join(self.replace_image_token({}, i) + part for i, part in enumerate(parts[1:]))
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         data = {}

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from cvlm.build import build
 from cvlm.cli import main as cli_main
-from cvlm.trainers.data import IGNORE_INDEX, Collator, read_records, tokenize, tokenize_all
+from cvlm.trainers.data import IGNORE_INDEX, Collator, load_image, read_records, to_messages, tokenize, tokenize_all
 from cvlm.trainers.train import last_complete_checkpoint, lora_targets
 from cvlm.trainers.train import main as train_main
 from helpers import make_llava_data
@@ -130,6 +130,24 @@ def test_lora_targets_the_lm_linear_layers_only(built):
         "--lora_target 'query_key_value' matches no linear layer of the LM. Its linear layers are named: "
         "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj (e.g. --lora_target 'q_proj|v_proj')."
     )
+
+
+def test_training_tokens_are_what_the_processor_gives_at_inference(built, tmp_path):
+    """One owner of <image> expansion: a training sample's prompt is token for token the processor's
+    output for that prompt and picture, and its pixel values are the processor's."""
+    _, processor = built()
+    records = read_records(make_llava_data(tmp_path, n=3))
+    record = records[0]
+    sample = tokenize(record, processor, 2048)
+    messages = to_messages(record)
+    prompt = processor.tokenizer.apply_chat_template(messages[:1], chat_template=processor.chat_template,
+                                                     tokenize=False, add_generation_prompt=True)
+    image = load_image(record["image"][0])
+    at_inference = processor(images=[image], text=[prompt], return_tensors="pt")
+    n = at_inference["input_ids"].shape[1]
+    assert sample.input_ids[:n] == at_inference["input_ids"][0].tolist() and sample.labels[n] != IGNORE_INDEX
+    batch = Collator(processor)([{"input_ids": sample.input_ids, "labels": sample.labels, "images": [image]}])
+    assert torch.equal(batch["pixel_values"], at_inference["pixel_values"])
 
 
 def test_labels_keep_only_assistant_turns_and_never_image_tokens(built, tmp_path):

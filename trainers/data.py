@@ -148,11 +148,10 @@ def tokenize(record: dict, processor, max_length: int) -> Sample | None:
     tokenizer, template = processor.tokenizer, processor.chat_template
     messages = to_messages(record)
     images = check_images(record, processor.image_token)
-    expansion = processor.image_token * processor.num_image_tokens
     ids, labels, rendered = [], [], ""
 
-    def add(text, learn):
-        piece = tokenizer(text.replace(processor.image_token, expansion), add_special_tokens=False)["input_ids"]
+    def add(text, learn):  # <image> expanded by the processor, as at inference
+        piece = tokenizer(processor.expand_image_tokens(text), add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         labels.extend(piece if learn else [IGNORE_INDEX] * len(piece))
 
@@ -243,5 +242,5 @@ class Collator:
         else:
             images = [image for item in items for image in item["images"]]
             if images:
-                batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+                batch["pixel_values"] = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return batch

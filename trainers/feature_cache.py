@@ -118,7 +118,7 @@ class FeatureCache:
             chunk, tensors = todo[start : start + SHARD_SIZE], {}
             for b in range(0, len(chunk), batch_size):
                 part = chunk[b : b + batch_size]
-                pixels = processor.image_processor([load_image(img) for _, img in part], return_tensors="pt")["pixel_values"]
+                pixels = processor(images=[load_image(img) for _, img in part], return_tensors="pt")["pixel_values"]
                 selected = model.model.select_vision_features(pixels.to(device))  # n_layers x [B, N, C]
                 stacked = torch.stack(selected, dim=1).cpu()  # [B, n_layers, N, C]
                 tensors.update({digest: stacked[i].contiguous() for i, (digest, _) in enumerate(part)})
