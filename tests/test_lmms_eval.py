@@ -92,7 +92,9 @@ def test_generate_until_batches_answer_as_one_at_a_time_and_cut_the_stop_strings
 
 def test_unsupported_settings_are_refused_with_the_fix(checkpoint):
     with pytest.raises(ValueError, match=r"^batch_size='auto' is invalid for connector_vlm: use a whole number"):
-        _harness(checkpoint, batch_size="auto")
+        _harness("no-such-checkpoint-is-loaded", batch_size="auto")  # refused before any loading
+    with pytest.raises(ValueError, match=r"^dtype='fp8' is invalid for connector_vlm. Allowed values: float32, "):
+        _harness("no-such-checkpoint-is-loaded", dtype="fp8")
     with pytest.raises(NotImplementedError, match="multi-round tasks are not supported"):
         _harness(checkpoint).generate_until_multi_round([])
 

@@ -66,6 +66,7 @@ def test_a_conversion_that_does_not_match_its_source_is_redone(tmp_path, monkeyp
     monkeypatch.setattr(gguf, "convert", fake_convert)
     folder = Path(gguf.resolve(SMOL))
     assert gguf.resolve(SMOL) == str(folder) and made == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert gguf.resolve(str(gguf.packaged_file(SMOL))) == str(folder) and len(made) == 1  # same bytes, other name
     record = json.loads((folder / gguf.RECORD).read_text())
     (folder / gguf.RECORD).write_text(json.dumps({**record, "sha256": "0" * 64}))  # another file's conversion
     assert gguf.resolve(SMOL) == str(folder) and len(made) == 2
