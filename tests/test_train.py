@@ -389,3 +389,56 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(workdir, tmp_pat
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_resumes_and_loads(workdir, tmp_path):
+    """accelerate turns --fsdp on only for accelerators (CPU processes silently trained with DDP); the
+    trainer shards CPU processes with torch's FSDP2 over gloo, gathers the shards for the checkpoint,
+    and resumes from its sharded Trainer checkpoints."""
+    from transformers import AutoModelForImageTextToText
+
+    root, _ = workdir
+    data = make_llava_data(tmp_path / "four", n=4, text_only=0, multi_turn=False)
+    # LoRA finetune (without dropout, which draws per process), one step = the whole data set
+    run = ["train", "--model", str(root / "base"), "--data", data, "--stage", "finetune", "--max_steps", "4",
+           "--allow_unaligned", "true", "--learning_rate", "1e-2", "--lora_dropout", "0", "--logging_steps", "1",
+           "--save_steps", "2", "--seed", "0",
+           "--report_to", "none", "--disable_tqdm", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def two_processes(output: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               "29534", "-m", "cvlm.cli", *run, "--per_device_train_batch_size", "2", "--ddp_backend",
+                               "gloo", "--fsdp", "full_shard", "--output_dir", str(output), *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+
+    one = subprocess.run([sys.executable, "-m", "cvlm.cli", *run, "--per_device_train_batch_size", "4",
+                          "--output_dir", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = two_processes(tmp_path / "fsdp")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    facts = json.loads((tmp_path / "fsdp" / "cvlm_training.json").read_text())
+    assert (facts["distributed"], facts["world_size"], facts["resumed_from"]) == ("FSDP", 2, None)
+    assert (tmp_path / "fsdp" / "checkpoint-2" / "optimizer_0" / ".metadata").is_file()  # sharded Trainer checkpoint
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / "fsdp")), torch.tensor(losses(tmp_path / "one")),
+                               atol=1e-4, rtol=1e-4)
+    expected = load_file(tmp_path / "one" / "model.safetensors")
+    for folder in ("fsdp", "resumed"):
+        if folder == "resumed":  # a run stopped after its step-2 checkpoint, continued
+            (tmp_path / "resumed").mkdir()
+            shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+            shutil.copy(tmp_path / "fsdp" / "cvlm_run.json", tmp_path / "resumed")
+            resumed = two_processes(tmp_path / "resumed", "--resume", "true")
+            assert resumed.returncode == 0, resumed.stderr[-3000:]
+            assert json.loads((tmp_path / "resumed" / "cvlm_training.json").read_text())["resumed_from"] == "checkpoint-2"
+        weights = load_file(tmp_path / folder / "model.safetensors")
+        assert set(weights) == set(expected)
+        for key in expected:
+            torch.testing.assert_close(weights[key], expected[key], atol=1e-5, rtol=1e-4)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "resumed", trust_remote_code=True)
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], expected["lm_head.weight"], atol=1e-5, rtol=1e-4)
+
+    refused = two_processes(tmp_path / "full", "--fsdp_config", '{"state_dict_type": "FULL_STATE_DICT"}')
+    assert refused.returncode != 0
+    assert ("cvlm train: error: --fsdp on CPU processes keeps its checkpoints as sharded state dicts (resuming from a "
+            "full one stalls over gloo): leave state_dict_type out of --fsdp_config.") in refused.stderr

@@ -169,6 +169,35 @@ class ConnectorTrainer(Trainer):
         self.optimizer = optimizer_cls(params, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
+    def create_accelerator_and_postprocess(self):
+        """accelerate turns `--fsdp` on only for accelerator processes: CPU processes would silently train
+        with plain DDP. torch's FSDP2 shards over gloo as well, so CPU processes asked for FSDP get it."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is None or state.distributed_type.value != "MULTI_CPU":
+            return
+        if self.args.fsdp_plugin_args.get("fsdp_version", 1) != 2:
+            raise ValueError("--fsdp on CPU processes needs FSDP2 (torch's fully_shard, which runs over gloo): add "
+                             "--fsdp_config '{\"version\": 2}' (the default).")
+        if self.args.fsdp_config.get("state_dict_type", "SHARDED_STATE_DICT") != "SHARDED_STATE_DICT":
+            raise ValueError("--fsdp on CPU processes keeps its checkpoints as sharded state dicts (resuming from a "
+                             "full one stalls over gloo): leave state_dict_type out of --fsdp_config. The final "
+                             "checkpoint holds the whole model either way.")
+        self.args.fsdp_plugin_args["state_dict_type"] = "SHARDED_STATE_DICT"
+        from accelerate import FullyShardedDataParallelPlugin
+        from accelerate.utils import DistributedType
+
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = self.fsdp_on_cpu = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if not getattr(self, "fsdp_on_cpu", False):
+            return super().save_model(output_dir, _internal_call)
+        state = full_state_dict(self.model)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state)
+
 
 class CheckpointCodeCallback(TrainerCallback):
     """Every Trainer checkpoint carries the `modeling/` code and the processor, so any of them loads
@@ -197,13 +226,21 @@ class LogEndsCallback(TrainerCallback):
             control.should_log = True
 
 
-CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")  # what an exact resume reads
+CHECKPOINT_FILES = ("trainer_state.json", "scheduler.pt")  # what an exact resume reads, with the optimizer's
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0")  # the Trainer's own; FSDP's full, sharded
 
 
 def checkpoint_gaps(path: Path) -> list[str]:
     """What a Trainer checkpoint lacks for an exact resume: missing or empty files, a trainer_state.json
     that does not parse or names another step, weights that do not open."""
-    gaps = [n for n in CHECKPOINT_FILES if not (path / n).is_file() or (path / n).stat().st_size == 0]
+    def written(name: str) -> bool:  # a file with bytes, or a sharded checkpoint's folder with its index
+        if (path / name).is_dir():
+            return (path / name / ".metadata").is_file()
+        return (path / name).is_file() and (path / name).stat().st_size > 0
+
+    gaps = [n for n in CHECKPOINT_FILES if not written(n)]
+    if not any(written(n) for n in OPTIMIZER_FILES):
+        gaps.append(OPTIMIZER_FILES[0])
     if not list(path.glob("rng_state*.pth")):
         gaps.append("rng_state.pth")
     weights = [w for w in ("model.safetensors", "adapter_model.safetensors") if (path / w).is_file()]
@@ -331,6 +368,45 @@ def claim_output_dir(output_dir: str, fingerprint: dict, resume: bool, overwrite
 
 
 # ---- the job -------------------------------------------------------------------------------------
+def _load_model(folder: str):
+    """The installed classes, in float32, registered so that the saved checkpoint names its own code."""
+    model = ConnectorVLMForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    model.config.auto_map = dict(AUTO_MAP)
+    type(model).register_for_auto_class("AutoModelForImageTextToText")
+    type(model.config).register_for_auto_class()
+    return model
+
+
+def _name_fsdp_layers(model, args: TrainingArguments) -> None:
+    """FSDP wraps each layer class the model names in `_no_split_modules`. A composite model inherits
+    names of modules it does not hold (CLIP's vision model names CLIPTextEmbeddings), which accelerate
+    refuses, so unless --fsdp_config names the classes, the ones the model holds are named."""
+    plugin = args.fsdp_plugin_args
+    if plugin is None or plugin.get("auto_wrap_policy") != "TRANSFORMER_BASED_WRAP" or "transformer_cls_names_to_wrap" in plugin:
+        return
+    present = {type(module).__name__ for module in model.modules()}
+    plugin["transformer_cls_names_to_wrap"] = ",".join(sorted(set(model._no_split_modules or ()) & present))
+
+
+def full_state_dict(model) -> dict:
+    """Every weight whole, on every process (a collective). accelerate's gather leaves the DTensors of a
+    CPU mesh sharded, so each is gathered here."""
+    from torch.distributed.tensor import DTensor
+
+    return {key: value.full_tensor() if isinstance(value, DTensor) else value for key, value in model.state_dict().items()}
+
+
+def _unsharded_copy(trainer, model_args: ModelArguments, lora_args: LoraArguments):
+    """After FSDP each process holds a shard of every weight: the full weights are gathered (a collective,
+    so every process calls this) into a fresh copy of the model on the main process; None elsewhere."""
+    state = full_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    fresh = prepare_model(_load_model(model_args.model), model_args, lora_args)
+    fresh.load_state_dict(state)
+    return fresh
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments, args: TrainingArguments) -> Path:
     start = time.time()
     check_numbers(model_args, data_args, lora_args, args)
@@ -345,10 +421,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if args.process_index == 0:
         claim_output_dir(args.output_dir, run_fingerprint(model_args, data_args, lora_args, args), data_args.resume,
                          model_args.overwrite)
-    model = ConnectorVLMForConditionalGeneration.from_pretrained(model_args.model, dtype=torch.float32)
-    model.config.auto_map = dict(AUTO_MAP)
-    type(model).register_for_auto_class("AutoModelForImageTextToText")
-    type(model.config).register_for_auto_class()
+    model = _load_model(model_args.model)
     cache = None
     if data_args.cache_features:
         images = [image for sample in samples for image in sample.images]
@@ -357,6 +430,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     dataset = SupervisedDataset(samples, feature_cache=cache)
 
     model = prepare_model(model, model_args, lora_args)
+    _name_fsdp_layers(model, args)
     trainable = trainable_by_part(model)
     source_dir = Path(sys.modules[ConnectorVLMForConditionalGeneration.__module__].__file__).parent
     trainer = ConnectorTrainer(
@@ -370,12 +444,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if data_args.resume and resume_from is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from the beginning.", args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.is_fsdp_enabled:  # every process takes part in gathering the shards
+        model = _unsharded_copy(trainer, model_args, lora_args)
 
     output = Path(args.output_dir)
     if trainer.is_world_process_zero():
         facts = _training_facts(model_args, data_args, lora_args, args, trainer, facts_in, trainable,
                                 samples=len(samples), skipped=len(records) - len(samples), cached=bool(cache),
                                 samples_per_second=result.metrics.get("train_samples_per_second"), start=start)
+        facts["resumed_from"] = Path(resume_from).name if resume_from else None
         _write_outputs(output, model, processor, model_args, facts, trainer, result)
     return output
 
@@ -405,6 +482,8 @@ def _training_facts(model_args, data_args, lora_args, args, trainer, facts_in, t
         "wall_time_s": round(time.time() - start, 1),
         "hardware": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "world_size": args.world_size,
+        # NO, MULTI_CPU / MULTI_GPU (DDP), FSDP, DEEPSPEED
+        "distributed": "FSDP" if trainer.is_fsdp_enabled else trainer.accelerator.distributed_type.value,
         "samples_per_second": samples_per_second,
     }
 
