@@ -200,22 +200,21 @@ def _cmd_space(args) -> int:
     return 0
 
 
-def _cmd_study(args) -> int:
-    from cvlm.study import StudyConfig, run_study
+STUDY_SETTINGS = ("connectors", "resolutions", "seeds", "vision", "llm", "vision_width", "llm_width", "llm_layers",
+                  "align_steps", "finetune_steps", "batch_size", "train_per_subtask", "test_per_subtask", "align_data",
+                  "finetune_data", "image_folder", "mapping", "pretrain_encoder_steps", "align_lr", "finetune_lr",
+                  "lora_r", "lora_alpha", "lm_full", "benchmark")
 
-    overrides = {k: getattr(args, k) for k in ("vision", "llm") if getattr(args, k)}
-    config = StudyConfig(output=args.output, **overrides)
+
+def _study_config(args):
+    from cvlm.study import StudyConfig
+
+    settings = {}
     if args.quick:  # minutes: two connectors, one resolution, one seed, few steps
-        config.connectors, config.resolutions, config.seeds = ["mlp", "avgpool"], [32], [0]
-        config.align_steps, config.finetune_steps, config.train_per_subtask, config.test_per_subtask = 10, 30, 8, 3
-        config.pretrain_encoder_steps = 30
-    for key in ("connectors", "resolutions", "seeds", "vision_width", "llm_width", "llm_layers", "align_steps",
-                "finetune_steps", "batch_size", "train_per_subtask", "test_per_subtask", "align_data",
-                "finetune_data", "image_folder", "mapping", "pretrain_encoder_steps", "align_lr", "finetune_lr",
-                "lora_r", "lora_alpha", "workers", "lm_full"):
-        value = getattr(args, key)
-        if value is not None:
-            setattr(config, key, value)
+        settings = {"connectors": ["mlp", "avgpool"], "resolutions": [32], "seeds": [0], "align_steps": 10,
+                    "finetune_steps": 30, "train_per_subtask": 8, "test_per_subtask": 3, "pretrain_encoder_steps": 30}
+    settings |= {k: getattr(args, k) for k in (*STUDY_SETTINGS[:-1], "workers") if getattr(args, k) is not None}
+    config = StudyConfig(output=args.output, **settings)
     if args.connectors == ["all"]:
         from cvlm.modeling import CONNECTORS
 
@@ -225,8 +224,51 @@ def _cmd_study(args) -> int:
         if not config.align_data:
             raise ValueError("--benchmark needs --align-data (and optionally --finetune-data): real benchmarks "
                              "score models trained on real data.")
-    result = run_study(config, overwrite=args.overwrite)
-    print((Path(config.output) / "report.md").read_text())
+    return config
+
+
+def _launch_options(args, config):
+    from cvlm.study_jobs import LaunchOptions
+
+    slurm = dict(item.split("=", 1) for item in args.slurm_arg or [])
+    return LaunchOptions(launcher=args.launcher, workers=config.workers, gpus_per_run=args.gpus_per_run,
+                         cpus_per_run=args.cpus_per_run, mem_gb_per_run=args.mem_gb_per_run,
+                         timeout_min=args.timeout_min, partition=args.partition, slurm_args=slurm or None)
+
+
+def _cmd_study(args) -> int:
+    from cvlm.study import collect, run_study
+    from cvlm.study_jobs import run_planned, write_plan
+
+    if args.run or args.collect:  # the settings are the plan's
+        given = [f"--{k.replace('_', '-')}" for k in STUDY_SETTINGS if getattr(args, k) is not None]
+        if given or args.quick:
+            raise ValueError(f"{' '.join(given) or '--quick'}: --run and --collect take the settings from "
+                             f"{Path(args.output) / 'plan.json'}; to change them, write the plan again with --plan.")
+    if args.run:
+        outcome = run_planned(args.output, args.run)
+        if "busy" in outcome:
+            print(f"cvlm study: {args.run} is being run by another process (its lock is held); nothing done.")
+        elif "failure" in outcome:
+            print(f"cvlm study: {args.run} failed: {outcome['failure']['error']}", file=sys.stderr)
+            return 1
+        else:
+            print(f"cvlm study: {args.run} {'had finished before' if outcome.get('reused') else 'finished'}; "
+                  f"its row is {Path(args.output) / 'runs' / args.run / 'run.json'}")
+        return 0
+    if args.collect:
+        result = collect(args.output)
+    else:
+        config = _study_config(args)
+        if args.plan:
+            plan = write_plan(config, overwrite=args.overwrite)
+            print(f"cvlm study: {len(plan['runs'])} runs planned in {Path(config.output) / 'plan.json'}:")
+            print("\n".join(f"  {e['name']}" for e in plan["runs"]))
+            print(f"Run each with `cvlm study --output {config.output} --run NAME`, then "
+                  f"`cvlm study --output {config.output} --collect`.")
+            return 0
+        result = run_study(config, overwrite=args.overwrite, options=_launch_options(args, config))
+    print((Path(args.output) / "report.md").read_text())
     return 0 if result["runs"] else 2
 
 
@@ -390,6 +432,22 @@ def _add_study(sub) -> None:
     p.add_argument("--mapping", help="your own subtask -> granularity mapping")
     p.add_argument("--quick", action="store_true", help="two connectors, one resolution, one seed, few steps")
     p.add_argument("--overwrite", action="store_true", help="use --output even if it holds files this tool did not write")
+    jobs = p.add_argument_group("the study as jobs (see the README's 'Running the study on a cluster')")
+    steps = jobs.add_mutually_exclusive_group()
+    steps.add_argument("--plan", action="store_true", help="write OUTPUT/plan.json (one entry per run) and stop")
+    steps.add_argument("--run", metavar="NAME", help="execute one run of OUTPUT/plan.json (idempotent), on any machine")
+    steps.add_argument("--collect", action="store_true",
+                       help="results.json, report and plots from the finished runs; lists the others")
+    jobs.add_argument("--launcher", choices=("local", "submitit", "submitit-local"), default="local",
+                      help="local: a process pool (default); submitit: a Slurm job array; submitit-local: submitit's "
+                           "local executor (the same code path, on this machine)")
+    _flag(jobs, "gpus-per-run", type=NATURAL, default=0, help="GPUs per job (submitit launchers)")
+    _flag(jobs, "cpus-per-run", type=COUNT, help="Slurm --cpus-per-task")
+    _flag(jobs, "mem-gb-per-run", type=COUNT, help="Slurm --mem, in GB")
+    _flag(jobs, "timeout-min", type=COUNT, default=24 * 60, help="a job's time limit in minutes (default 1440)")
+    jobs.add_argument("--partition", help="Slurm partition")
+    _flag(jobs, "slurm-arg", action="append", metavar="KEY=VALUE",
+          help="any other #SBATCH setting, e.g. account=proj or qos=high (repeatable)")
     p.set_defaults(func=_cmd_study)
 
 

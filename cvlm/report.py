@@ -390,7 +390,8 @@ def write_report(root: Path, result: dict) -> None:
     for r in rows:
         groups.setdefault((r["connector"], r["resolution"]), []).append(r)
     lines = ["# cvlm study: to preserve or to compress?", "",
-             f"{len(rows)} runs ({len(result['failures'])} failed); scores in % (mean ± std over seeds); the "
+             f"{len(rows)} runs ({len(result['failures'])} failed"
+             f"{', %d not finished' % len(result['pending']) if result.get('pending') else ''}); scores in % (mean ± std over seeds); the "
              "training-run timings (train s, samples/s, prefill ms) were taken while runs shared the cores and are "
              "information only.", "", *_setup(result.get("config") or {}),
              "| connector | family | resolution | Q | coarse | fine | reasoning | train s | samples/s | prefill ms |",
@@ -431,6 +432,9 @@ def write_report(root: Path, result: dict) -> None:
         lines.append(f"- **{v['verdict']}** — {v['claim']} {v['evidence']}.")
     if result["failures"]:
         lines += ["", "## Failed runs", ""] + [f"- {f['run']}: {f['error']}" for f in result["failures"]]
+    if result.get("pending"):
+        lines += ["", "## Runs not finished yet", "", "Run each (`cvlm study --output FOLDER --run NAME`), then "
+                  "`cvlm study --output FOLDER --collect` again:", ""] + [f"- {name}" for name in result["pending"]]
     lines += ["", "Plots: `radar.png` (the granularities per connector, one panel per resolution), "
               "`accuracy_vs_tokens.png` and `accuracy_vs_training_time.png` (per granularity, mean ± sd over seeds), "
               "`loss_curves.png` (log axis, mean over seeds with their range)."]

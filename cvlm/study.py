@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cvlm.files import check_output, path_digest, read_json, settings_digest, write_atomic
+from cvlm.files import path_digest, read_json, settings_digest, write_atomic
 from cvlm.modeling import CONNECTORS, ConnectorVLMConfig
 from cvlm.eval import GRANULARITIES
 
@@ -279,104 +279,72 @@ def _run_job(job: dict) -> dict:
         row = run_one(run_dir, *job["spec"], job["resolution"], job["seed"], StudyConfig(**job["config"]), job["data"])
         row["fingerprint"] = job["fingerprint"]
     except Exception as error:  # noqa: BLE001 - reported, and the study goes on
-        return {"failure": {"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
-                            "traceback": traceback.format_exc(limit=3)}}
+        failure = {"run": run_dir.name, "error": f"{type(error).__name__}: {error}",
+                   "traceback": traceback.format_exc(limit=3)}
+        run_dir.mkdir(parents=True, exist_ok=True)  # recorded for `--collect`, under the run's fingerprint
+        write_atomic(run_dir / "failure.json", json.dumps({**failure, "fingerprint": job["fingerprint"]}, indent=2))
+        return {"failure": failure}
     write_atomic(run_dir / "run.json", json.dumps(row, indent=2))
     return {"row": row}
 
 
-def run_study(config: StudyConfig, overwrite: bool = False) -> dict:
-    """Every run of the grid (reusing those finished before with the same fingerprint), then results.json,
-    the report and the plots. `overwrite` lets the study write into a folder it did not make."""
-    from cvlm.report import learnt, verdicts, write_report
+def run_study(config: StudyConfig, overwrite: bool = False, options=None) -> dict:
+    """Every run of the grid (reusing those finished before with the same fingerprint) through the chosen
+    launcher, then results.json, the report and the plots. `overwrite` lets the study write into a folder
+    it did not make."""
+    from cvlm.study_jobs import LaunchOptions, finished_row, launch, resolution_data, write_plan
 
-    check_settings(config)
-    root = check_output(config.output, overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic(root / "study_config.json", json.dumps(asdict(config), indent=2))
-    total, rows, jobs = _plan(root, config)
-    _attach_data(root, config, jobs)
-    failures = _execute(jobs, rows, total, config.workers)
-    rows = [rows[i] for i in sorted(rows)]
+    options = options or LaunchOptions(workers=config.workers)
+    plan = write_plan(config, overwrite)
+    root = Path(config.output).resolve()
+    todo = [e for e in plan["runs"] if not finished_row(root, e)]
+    if options.launcher != "submitit":  # on this machine: data and encoders first, once per size, with every core
+        for resolution in sorted({e["resolution"] for e in todo}):
+            resolution_data(root, config, resolution)
+    bar = tqdm(total=len(plan["runs"]), initial=len(plan["runs"]) - len(todo), desc="cvlm study", unit="run")
+
+    def on_done(name: str, outcome: dict) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"last: {name}")
+
+    # the largest pictures (the longest runs) first, so that no long run is left alone at the end
+    launch(str(root), [e["name"] for e in sorted(todo, key=lambda e: -e["resolution"])], options, on_done)
+    bar.close()
+    return collect(root)
+
+
+def collect(output: str | os.PathLike) -> dict:
+    """results.json, the report and the plots from the runs of the plan that finished; the others are
+    listed (`pending`: never run, busy or interrupted; `failures`: ended with an error)."""
+    from cvlm.report import learnt, verdicts, write_report
+    from cvlm.study_jobs import finished_row, read_plan, recorded_failure
+
+    root = Path(output).resolve()
+    plan = read_plan(root)
+    config = StudyConfig(**plan["config"])
+    rows, failures, pending = [], [], []
+    for entry in plan["runs"]:
+        row = finished_row(root, entry)
+        failure = None if row else recorded_failure(root, entry)
+        if row:
+            rows.append(row)
+        elif failure:
+            failures.append({k: v for k, v in failure.items() if k != "fingerprint"})
+        else:
+            pending.append(entry["name"])
+    if pending:
+        print(f"cvlm study: {len(pending)} of {len(plan['runs'])} runs have not finished: {', '.join(pending)}")
     timing = quiet_timing(root, rows, config) if rows else []
     baselines = _baselines(root, rows) if rows and not config.benchmarks else None
     chance = baselines["chance"] if baselines else None
-    result = {"config": asdict(config), "runs": rows, "failures": failures, "timing": timing,
-              "verdicts": verdicts(rows, chance, timing) if rows else []}
+    result = {"config": plan["config"], "runs": rows, "failures": sorted(failures, key=lambda f: f["run"]),
+              "pending": pending, "timing": timing, "verdicts": verdicts(rows, chance, timing) if rows else []}
     if baselines:
         result["baselines"] = {**baselines, "learnt": learnt(rows, chance)}
     write_atomic(root / "results.json", json.dumps(result, indent=2))
     write_report(root, result)
     _keep_checkpoints(root, rows, config)
     return result
-
-
-def _plan(root: Path, config: StudyConfig) -> tuple[int, dict[int, dict], dict[int, dict]]:
-    """(number of runs, rows of the runs finished before with the same fingerprint, jobs of the others),
-    keyed by the run's place in the grid."""
-    specs = [parse_connector(c) for c in config.connectors]
-    runs = [(spec, res, seed) for res in config.resolutions for spec in specs for seed in config.seeds]
-    rows, jobs = {}, {}
-    for i, (spec, resolution, seed) in enumerate(runs):
-        run_dir = root / "runs" / f"{spec[2]}-{resolution}px-seed{seed}"
-        job = {"run_dir": str(run_dir), "spec": spec, "resolution": resolution, "seed": seed,
-               "config": asdict(config), "threads": None}
-        job["fingerprint"] = run_fingerprint(job)
-        finished = _finished_row(run_dir, job["fingerprint"])
-        if finished:  # finished before with the same settings: kept as it is
-            rows[i] = finished
-        else:
-            jobs[i] = job
-    return len(runs), rows, jobs
-
-
-def _attach_data(root: Path, config: StudyConfig, jobs: dict[int, dict]) -> None:
-    """Data and encoders first, once per resolution, with every core."""
-    data_by_resolution = {}
-    for job in jobs.values():
-        resolution = job["resolution"]
-        if resolution not in data_by_resolution:
-            if config.benchmarks:
-                data = {"align": config.align_data, "finetune": config.finetune_data or config.align_data,
-                        "benchmarks": dict(config.benchmarks), "mapping": config.mapping}
-            else:
-                paths = _synthetic(root, resolution, config)
-                data = {"align": paths["train"], "finetune": paths["train"], "benchmarks": {"mmbench": paths["mmbench"]},
-                        "mapping": paths["mapping"]}
-            data["vision"] = _encoder(root, resolution, config)
-            data_by_resolution[resolution] = data
-        job["data"] = data_by_resolution[resolution]
-
-
-def _execute(jobs: dict[int, dict], rows: dict[int, dict], total: int, workers: int) -> list[dict]:
-    """Runs the jobs (in a process pool when `workers` > 1), filling `rows`; returns the failures."""
-    failures = []
-    workers = max(1, min(workers, len(jobs)))
-    bar = tqdm(total=total, initial=len(rows), desc="cvlm study", unit="run")
-    if workers == 1:
-        outcomes = ((i, _run_job(job)) for i, job in jobs.items())
-    else:  # small models use one core each better than two: one run per core, the cores shared out
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=die_with_parent, initargs=(os.getpid(),))
-        # the largest pictures (the longest runs) first, so that no long run is left alone at the end
-        order = sorted(jobs, key=lambda i: -jobs[i]["resolution"])
-        futures = {pool.submit(_run_job, {**jobs[i], "threads": threads}): i for i in order}
-        outcomes = ((futures[f], f.result()) for f in as_completed(futures))
-    for i, outcome in outcomes:
-        if "row" in outcome:
-            rows[i] = outcome["row"]
-        else:
-            failures.append(outcome["failure"])
-        bar.update(1)
-        bar.set_postfix_str(f"last: {Path(jobs[i]['run_dir']).name}")
-    bar.close()
-    if workers > 1:
-        pool.shutdown()
-    return sorted(failures, key=lambda f: f["run"])
 
 
 def quiet_timing(root: Path, rows: list[dict], config: StudyConfig) -> list[dict]:

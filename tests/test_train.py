@@ -292,6 +292,40 @@ def test_stale_or_mismatched_cache_is_rebuilt_never_used(built, workdir, tmp_pat
     assert FeatureCache(tmp_path, other, other_processor, images).fingerprint != first.fingerprint
 
 
+def test_a_shared_feature_cache_has_one_writer_and_never_rewrites_a_shard(built, workdir, tmp_path):
+    """Runs on several machines share one cache: a second writer waits for the first (a file lock per
+    entry), adds its own shard next to the first's, and the manifest names both."""
+    import threading
+
+    from filelock import FileLock
+
+    from cvlm.trainers.feature_cache import FeatureCache, image_digest
+
+    _, data = workdir
+    model, processor = built()
+    images = [s for r in read_records(data) for s in (r.get("image") or [])]
+    distinct = list({image_digest(i): i for i in images}.values())
+    first = FeatureCache(tmp_path, model, processor, distinct[:2])
+    shard = next(first.dir.glob("features-*.safetensors"))
+    written = shard.read_bytes()
+    done = []
+    with FileLock(str(first.dir / ".lock")):  # another machine is writing this entry
+        writer = threading.Thread(target=lambda: done.append(FeatureCache(tmp_path, model, processor, distinct)))
+        writer.start()
+        writer.join(timeout=2.0)
+        assert writer.is_alive() and not done  # it waits
+    writer.join(timeout=60)
+    second = done[0]
+    assert second.built == len(distinct) - 2
+    assert shard.read_bytes() == written  # the first writer's shard, untouched
+    assert sorted(p.name for p in first.dir.glob("features-*.safetensors")) == ["features-00000.safetensors",
+                                                                                "features-00001.safetensors"]
+    index = json.loads((first.dir / "manifest.json").read_text())["index"]
+    assert set(index) == {image_digest(i) for i in distinct}
+    for image in distinct[:2]:
+        assert torch.equal(second.get(image), first.get(image))
+
+
 # ---- resume --------------------------------------------------------------------------------------------------
 class _Crash(Exception):
     pass

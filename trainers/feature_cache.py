@@ -6,7 +6,8 @@ hashes everything the features depend on: the encoder's config and weights, the 
 processor's settings, the layers read and the select strategy. A different encoder therefore
 never finds another's features; a manifest or shard that does not match what it claims (shape,
 missing keys, unreadable file) is rebuilt, never used. Shards and the manifest are written to a
-temporary name and renamed.
+temporary name and renamed, by one writer at a time (a file lock per entry), so runs on several
+machines can share one cache.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -65,9 +67,12 @@ class FeatureCache:
         grid_h, grid_w = model.config.vision_grid
         self.shape = [len(model.config.connector_vision_layers), grid_h * grid_w + model.config.num_kept_prefix_tokens,
                       model.config.vision_config.hidden_size]
-        self.index: dict[str, str] = self._load_manifest()
         self._digests = {}
-        self.built = self._fill(model, processor, images, batch_size)
+        # one writer per entry (processes and machines sharing the cache wait their turn); shards are never
+        # rewritten once a manifest names them, so readers of an earlier manifest keep reading whole files
+        with FileLock(str(self.dir / ".lock")):
+            self.index: dict[str, str] = self._load_manifest()
+            self.built = self._fill(model, processor, images, batch_size)
         self._handles = {}
 
     # ---- manifest ----------------------------------------------------------------------------------
@@ -110,7 +115,8 @@ class FeatureCache:
             if digest not in seen:
                 seen.add(digest)
                 todo.append((digest, image))
-        shard_number = len(set(self.index.values()))
+        # past every shard on disk, named or not: a file is never written twice
+        shard_number = 1 + max((int(f.stem.split("-")[1]) for f in self.dir.glob("features-*.safetensors")), default=-1)
         tower, home = model.model.vision_tower, model.device
         device = torch.device("cuda") if torch.cuda.is_available() else home  # the Trainer has not placed it yet
         tower.to(device)
