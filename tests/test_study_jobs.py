@@ -1,0 +1,140 @@
+"""The study as jobs: plan, run, collect, and the submitit launchers (submitit's local executor stands in
+for Slurm: the same submission code path)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cvlm.study import StudyConfig
+from cvlm.study_jobs import LaunchOptions, read_plan, run_planned, submitit_executor, write_plan
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def cvlm(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "cvlm.cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def answers(folder: Path) -> dict:
+    """Each run's scores and its answer to every question, by run name."""
+    result = json.loads((folder / "results.json").read_text())
+    return {f"{r['connector']}-{r['resolution']}px-seed{r['seed']}": (r["scores"], r["questions"]) for r in result["runs"]}
+
+
+@pytest.fixture(scope="module")
+def local_quick(tmp_path_factory):
+    """`cvlm study --quick` with the default launcher (the local process pool)."""
+    root = tmp_path_factory.mktemp("local") / "study"
+    cvlm("study", "--quick", "--output", str(root))
+    return root
+
+
+def test_the_plan_names_every_run_with_its_fingerprint_and_run_refuses_other_settings(tmp_path):
+    root = tmp_path / "study"
+    plan = write_plan(StudyConfig(output=str(root), connectors=["mlp", "avgpool:output_grid=1"], resolutions=[32, 48],
+                                  seeds=[0, 1]))
+    assert [e["name"] for e in plan["runs"]] == [
+        "mlp-32px-seed0", "mlp-32px-seed1", "avgpool-output_grid-1-32px-seed0", "avgpool-output_grid-1-32px-seed1",
+        "mlp-48px-seed0", "mlp-48px-seed1", "avgpool-output_grid-1-48px-seed0", "avgpool-output_grid-1-48px-seed1"]
+    assert len({e["fingerprint"] for e in plan["runs"]}) == 8 and read_plan(root) == plan
+    assert plan["config"]["finetune_steps"] == 1000  # the exact settings travel with the plan
+    done = cvlm("study", "--output", str(root), "--run", "linear-32px-seed0", check=False)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"cvlm study: error: --run 'linear-32px-seed0' is not in {root / 'plan.json'}. Its runs: "
+        + ", ".join(e["name"] for e in plan["runs"]) + ".")
+    done = cvlm("study", "--output", str(root), "--run", "mlp-32px-seed0", "--finetune-steps", "5", check=False)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"cvlm study: error: --finetune-steps: --run and --collect take the settings from {root / 'plan.json'}; to "
+        "change them, write the plan again with --plan.")
+    done = cvlm("study", "--output", str(tmp_path / "none"), "--collect", check=False)
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"cvlm study: error: {tmp_path / 'none' / 'plan.json'} does not exist: write the plan first with `cvlm study "
+        f"--plan --output {tmp_path / 'none'}` (and the study's settings).")
+
+
+def test_a_run_held_by_another_process_is_left_alone(tmp_path):
+    from filelock import FileLock
+
+    root = tmp_path / "study"
+    write_plan(StudyConfig(output=str(root), connectors=["mlp"], resolutions=[32], seeds=[0]))
+    (root / "locks").mkdir()
+    with FileLock(str(root / "locks" / "mlp-32px-seed0.lock")):
+        assert run_planned(str(root), "mlp-32px-seed0") == {"busy": "mlp-32px-seed0"}
+    assert not (root / "runs").exists()  # nothing was started or removed
+
+
+def test_a_killed_run_resubmitted_through_submitit_finishes_without_redoing_the_others(local_quick, tmp_path):
+    root = tmp_path / "study"
+    cvlm("study", "--quick", "--output", str(root), "--plan")
+    cvlm("study", "--output", str(root), "--run", "avgpool-32px-seed0")
+    kept = root / "runs" / "avgpool-32px-seed0" / "run.json"
+    kept_at = kept.stat().st_mtime_ns
+    started = root / "runs" / "mlp-32px-seed0" / "align" / "cvlm_run.json"  # training has begun
+    job = subprocess.Popen([sys.executable, "-m", "cvlm.cli", "study", "--output", str(root), "--run", "mlp-32px-seed0"],
+                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not started.exists() and job.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.poll() is None, "the run ended before it could be killed"
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    assert not (root / "runs" / "mlp-32px-seed0" / "run.json").exists()
+    collected = cvlm("study", "--output", str(root), "--collect")
+    assert "cvlm study: 1 of 2 runs have not finished: mlp-32px-seed0" in collected.stdout
+    assert json.loads((root / "results.json").read_text())["pending"] == ["mlp-32px-seed0"]
+
+    again = cvlm("study", "--quick", "--output", str(root), "--launcher", "submitit-local")
+    assert re.search(r"submitted mlp-32px-seed0 \(job \d+\)", again.stdout + again.stderr)
+    assert "avgpool-32px-seed0 (job" not in again.stdout + again.stderr  # finished: not submitted again
+    assert kept.stat().st_mtime_ns == kept_at
+    assert (root / "submitit").is_dir()
+    result = json.loads((root / "results.json").read_text())
+    assert result["pending"] == [] and result["failures"] == []
+    # the same scores, question by question, as the default local run
+    assert answers(root) == answers(local_quick)
+
+
+def test_the_readme_cluster_commands_run_on_the_local_executor(local_quick, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- ci: cluster -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "runs" / "cluster"
+    assert json.loads((root / "results.json").read_text())["pending"] == []
+    assert answers(root) == answers(local_quick)
+
+
+def test_the_slurm_launcher_writes_a_job_array_with_the_asked_resources(tmp_path, monkeypatch):
+    """No Slurm here: a stand-in sbatch records the script submitit hands it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/script.sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit looks for srun to know it is on Slurm
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    options = LaunchOptions(launcher="submitit", workers=3, gpus_per_run=2, cpus_per_run=8, mem_gb_per_run=64,
+                            timeout_min=600, partition="gpu", slurm_args={"account": "vision"})
+    executor = submitit_executor(str(tmp_path / "study"), options)
+    jobs = executor.map_array(print, ["a", "b", "c", "d"])
+    assert [j.job_id for j in jobs] == ["4242_0", "4242_1", "4242_2", "4242_3"]
+    script = (tmp_path / "script.sh").read_text()
+    for line in ("#SBATCH --array=0-3%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2",
+                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --time=600", "#SBATCH --account=vision",
+                 "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1"):
+        assert line in script, line
