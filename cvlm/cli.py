@@ -232,6 +232,7 @@ def _launch_options(args, config):
 
     slurm = dict(item.split("=", 1) for item in args.slurm_arg or [])
     return LaunchOptions(launcher=args.launcher, workers=config.workers, gpus_per_run=args.gpus_per_run,
+                         tasks_per_run=args.tasks_per_run,
                          cpus_per_run=args.cpus_per_run, mem_gb_per_run=args.mem_gb_per_run,
                          timeout_min=args.timeout_min, partition=args.partition, slurm_args=slurm or None)
 
@@ -435,13 +436,17 @@ def _add_study(sub) -> None:
     jobs = p.add_argument_group("the study as jobs (see the README's 'Running the study on a cluster')")
     steps = jobs.add_mutually_exclusive_group()
     steps.add_argument("--plan", action="store_true", help="write OUTPUT/plan.json (one entry per run) and stop")
-    steps.add_argument("--run", metavar="NAME", help="execute one run of OUTPUT/plan.json (idempotent), on any machine")
+    steps.add_argument("--run", "--run-name", metavar="NAME",
+                       help="execute one run of OUTPUT/plan.json (idempotent), on any machine; under torchrun, spell it "
+                            "--run-name (torchrun takes --run for its own --run-path)")
     steps.add_argument("--collect", action="store_true",
                        help="results.json, report and plots from the finished runs; lists the others")
     jobs.add_argument("--launcher", choices=("local", "submitit", "submitit-local"), default="local",
                       help="local: a process pool (default); submitit: a Slurm job array; submitit-local: submitit's "
                            "local executor (the same code path, on this machine)")
     _flag(jobs, "gpus-per-run", type=NATURAL, default=0, help="GPUs per job (submitit launchers)")
+    _flag(jobs, "tasks-per-run", type=COUNT, default=1,
+          help="processes per run, training together (submitit launchers; one per GPU)")
     _flag(jobs, "cpus-per-run", type=COUNT, help="Slurm --cpus-per-task")
     _flag(jobs, "mem-gb-per-run", type=COUNT, help="Slurm --mem, in GB")
     _flag(jobs, "timeout-min", type=COUNT, default=24 * 60, help="a job's time limit in minutes (default 1440)")

@@ -181,8 +181,37 @@ def _encoder(root: Path, resolution: int, config: StudyConfig) -> str:
                                 steps=config.pretrain_encoder_steps, vision=config.vision, width=config.vision_width))
 
 
+def processes() -> tuple[int, int, callable]:
+    """(rank, world size, barrier) of the processes that run one study run together. A run may itself
+    be a multi-process job (torchrun, accelerate launch, a submitit job with several tasks: WORLD_SIZE
+    > 1): every process trains, the first one builds, scores and writes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, lambda: None
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, dist.barrier
+
+
+def share(value):
+    """The first process's `value`, on every process of the run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return value
+    import torch.distributed as dist
+
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: int, seed: int,
-            config: StudyConfig, data: dict) -> dict:
+            config: StudyConfig, data: dict) -> dict | None:
+    import torch
     from transformers import TrainingArguments
 
     from cvlm.build import build
@@ -190,28 +219,38 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
     from cvlm.trainers.train import DataArguments, LoraArguments, ModelArguments, train
 
     start = time.time()
+    rank, world, barrier = processes()
+    if config.batch_size % world:
+        raise ValueError(f"--batch-size {config.batch_size} does not split over the run's {world} processes: use a "
+                         f"multiple of {world} (the global batch stays the study's).")
     grid = resolution // _patch_size(config.vision)
     hyper = {**CONNECTORS[connector].hyper_for_grid(grid, grid), **hyper}  # what the class needs at this grid
-    base = build(run_dir / "base", vision=data["vision"], llm=config.llm, connector=connector, connector_args=hyper,
-                 image_size=resolution, seed=seed, llm_width=config.llm_width, llm_layers=config.llm_layers,
-                 vision_width=config.vision_width if data["vision"] == config.vision else None)
-    stages = [("align", base, data["align"], config.align_steps, config.align_lr),
+    if rank == 0:
+        build(run_dir / "base", vision=data["vision"], llm=config.llm, connector=connector, connector_args=hyper,
+              image_size=resolution, seed=seed, llm_width=config.llm_width, llm_layers=config.llm_layers,
+              vision_width=config.vision_width if data["vision"] == config.vision else None)
+    barrier()
+    stages = [("align", run_dir / "base", data["align"], config.align_steps, config.align_lr),
               ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, config.finetune_lr)]
     for stage, source, train_data, steps, lr in stages:
         train(ModelArguments(model=str(source), stage=stage, lm_full=stage == "finetune" and config.lm_full),
               DataArguments(data=train_data, image_folder=config.image_folder,
-                            cache_features=str(Path(config.output) / "feature_cache")),
+                            cache_features=str(run_dir.parents[1] / "feature_cache")),  # the study's, shared
               LoraArguments(lora_r=config.lora_r, lora_alpha=config.lora_alpha),
               TrainingArguments(output_dir=str(run_dir / stage), max_steps=steps, learning_rate=lr,
-                                per_device_train_batch_size=config.batch_size, seed=seed, report_to="none",
-                                disable_tqdm=True, save_strategy="no", logging_steps=10, warmup_steps=10))
+                                per_device_train_batch_size=config.batch_size // world, seed=seed, report_to="none",
+                                disable_tqdm=True, save_strategy="no", logging_steps=10, warmup_steps=10,
+                                **({} if world == 1 or torch.cuda.is_available() else {"use_cpu": True, "ddp_backend": "gloo"})))
+        barrier()  # the first process has written the stage's checkpoint
     final = run_dir / "finetune"
     results = {}
-    for benchmark, path in data["benchmarks"].items():
+    for benchmark, path in data["benchmarks"].items():  # the processes share the questions out
         # likelihood ranking of the option texts: a perception test that needs no letter / yes-no binding
         mode = "likelihood" if benchmark in ("mmbench", "seed_bench") else "generate"
         results[benchmark] = evaluate_model(str(final), benchmark, path, str(run_dir / f"eval-{benchmark}"), mode=mode,
                                             mapping_file=data.get("mapping"), max_new_tokens=4)
+    if rank:
+        return None
     facts = [json.loads((run_dir / s / "cvlm_training.json").read_text()) for s in ("align", "finetune")]
     config_json = json.loads((final / "config.json").read_text())
     scores = {}
@@ -274,9 +313,14 @@ def _run_job(job: dict) -> dict:
         import torch
 
         torch.set_num_threads(job["threads"])
+    rank, _, barrier = processes()
     try:
-        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run, or one made with other settings, starts over
+        if rank == 0:  # an interrupted run, or one made with other settings, starts over
+            shutil.rmtree(run_dir, ignore_errors=True)
+        barrier()
         row = run_one(run_dir, *job["spec"], job["resolution"], job["seed"], StudyConfig(**job["config"]), job["data"])
+        if row is None:  # another process of a multi-process run: the first one writes
+            return {"row": None}
         row["fingerprint"] = job["fingerprint"]
     except Exception as error:  # noqa: BLE001 - reported, and the study goes on
         failure = {"run": run_dir.name, "error": f"{type(error).__name__}: {error}",

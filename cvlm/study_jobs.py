@@ -34,6 +34,7 @@ class LaunchOptions:
     launcher: str = "local"
     workers: int = 2
     gpus_per_run: int = 0
+    tasks_per_run: int = 1  # processes per run (submitit launchers): one per GPU, training together
     cpus_per_run: int | None = None
     mem_gb_per_run: int | None = None
     timeout_min: int = 24 * 60
@@ -128,7 +129,7 @@ def run_planned(output: str, name: str, threads: int | None = None) -> dict:
     or {"busy": name} when another process holds the run."""
     from filelock import Timeout
 
-    from cvlm.study import StudyConfig, _run_job
+    from cvlm.study import StudyConfig, _run_job, processes, share
 
     root = Path(output).resolve()
     plan = read_plan(root)
@@ -136,28 +137,42 @@ def run_planned(output: str, name: str, threads: int | None = None) -> dict:
     if name not in entries:
         raise ValueError(f"--run {name!r} is not in {root / PLAN_FILE}. Its runs: {', '.join(entries)}.")
     entry = entries[name]
+    rank = processes()[0]  # a multi-process run: the first process locks, checks and prepares, for all
+    lock, state = _lock(root / "locks" / f"{name}.lock", timeout=0), None
+    if rank == 0:
+        try:
+            lock.acquire()
+            state = "finished" if finished_row(root, entry) else "run"
+        except Timeout:
+            state = "busy"
+    state = share(state)
     try:
-        with _lock(root / "locks" / f"{name}.lock", timeout=0):
-            row = finished_row(root, entry)
-            if row:
-                return {"row": row, "reused": True}
-            config = StudyConfig(**plan["config"])
-            if threads:
-                import torch
+        if state == "busy":
+            return {"busy": name}
+        if state == "finished":
+            return {"row": finished_row(root, entry), "reused": True}
+        if threads:
+            import torch
 
-                torch.set_num_threads(threads)
-            job = {"run_dir": str(run_dir(root, name)), "spec": tuple(entry["spec"]), "resolution": entry["resolution"],
-                   "seed": entry["seed"], "config": plan["config"], "fingerprint": entry["fingerprint"],
-                   "threads": threads, "data": resolution_data(root, config, entry["resolution"])}
-            return _run_job(job)
-    except Timeout:
-        return {"busy": name}
+            torch.set_num_threads(threads)
+        data = share(resolution_data(root, StudyConfig(**plan["config"]), entry["resolution"]) if rank == 0 else None)
+        return _run_job({"run_dir": str(run_dir(root, name)), "spec": tuple(entry["spec"]),
+                         "resolution": entry["resolution"], "seed": entry["seed"], "config": plan["config"],
+                         "fingerprint": entry["fingerprint"], "threads": threads, "data": data})
+    finally:
+        if lock.is_locked:
+            lock.release()
 
 
 def _run_in_job(output: str, name: str, threads: int | None = None) -> dict:
-    """What a submitit job executes: the run, and where it ran."""
+    """What a submitit job executes: the run, and where it ran. A job with several tasks is one
+    multi-process run: submitit's environment gives each task its rank (MASTER_ADDR, RANK, WORLD_SIZE...)."""
     import socket
 
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return {**run_planned(output, name, threads), "host": socket.gethostname()}
 
 
@@ -208,10 +223,12 @@ def submitit_executor(output: str, options: LaunchOptions):
     folder = Path(output) / "submitit" / "%j"
     if options.launcher == "submitit-local":
         executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=options.timeout_min, gpus_per_node=options.gpus_per_run)
+        executor.update_parameters(timeout_min=options.timeout_min, gpus_per_node=options.gpus_per_run,
+                                   tasks_per_node=options.tasks_per_run)
         return executor
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    parameters = {"timeout_min": options.timeout_min, "gpus_per_node": options.gpus_per_run, "tasks_per_node": 1,
+    parameters = {"timeout_min": options.timeout_min, "gpus_per_node": options.gpus_per_run,
+                  "tasks_per_node": options.tasks_per_run,
                   "nodes": 1, "slurm_array_parallelism": options.workers, "name": "cvlm-study"}
     if options.cpus_per_run:
         parameters["cpus_per_task"] = options.cpus_per_run
@@ -230,7 +247,7 @@ def _launch_submitit(output: str, names: list[str], options: LaunchOptions, on_d
     starts every job it is given at once, so runs go in `workers` at a time, each on its share of the cores."""
     executor = submitit_executor(output, options)
     local = options.launcher == "submitit-local"
-    threads = _threads(options.workers, len(names)) if local else None
+    threads = max(1, _threads(options.workers, len(names)) // options.tasks_per_run) if local else None
     window = max(1, min(options.workers, len(names))) if local else len(names)
     waiting, running = list(names), {}
     while waiting or running:

@@ -332,7 +332,7 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     for stale in out.glob("predictions.rank*.jsonl"):
         stale.unlink()
     results = {"benchmark": benchmark, "model": model_id, "data": data, "mode": mode, "num_questions": len(rows),
-               "unreadable_rows": problems, **score(benchmark, rows, metric, mapping_file or MAPPING_FILE),
+               "processes": world, "unreadable_rows": problems, **score(benchmark, rows, metric, mapping_file or MAPPING_FILE),
                "questions": question_outcomes(benchmark, rows), "speed": _speed(rows, model, device, batch_size)}
     write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     write_atomic(out / "results.md", markdown(results))

@@ -108,6 +108,19 @@ def test_a_killed_run_resubmitted_through_submitit_finishes_without_redoing_the_
     assert answers(root) == answers(local_quick)
 
 
+def test_a_run_of_two_processes_trains_together_and_answers_as_one_process(local_quick, tmp_path):
+    """A job with two tasks is one run of two processes (DDP over gloo here, one per GPU on a cluster):
+    same global batch, the questions shared out, the same answers."""
+    root = tmp_path / "study"
+    cvlm("study", "--quick", "--output", str(root), "--launcher", "submitit-local", "--tasks-per-run", "2",
+         "--workers", "1")
+    for name in ("mlp-32px-seed0", "avgpool-32px-seed0"):
+        facts = json.loads((root / "runs" / name / "finetune" / "cvlm_training.json").read_text())
+        assert (facts["world_size"], facts["train_batch_size"], facts["distributed"]) == (2, 16, "MULTI_CPU")
+        assert json.loads((root / "runs" / name / "eval-mmbench" / "results.json").read_text())["processes"] == 2
+    assert answers(root) == answers(local_quick)
+
+
 def test_the_readme_cluster_commands_run_on_the_local_executor(local_quick, tmp_path):
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- ci: cluster -->\n```bash\n(.*?)```", readme, re.S).group(1)
