@@ -13,6 +13,7 @@ from transformers.modeling_outputs import (
     MultimodalCausalLMOutputWithPast,
 )
 from transformers.utils import torch_compilable_check
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_connector_vlm import ConnectorVLMConfig
@@ -107,6 +108,11 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         stacked) skips the frozen encoder, e.g. when training from a feature cache: the tower's fields
         are then empty."""
         vision = None
+        # unset: what the configs say, as transformers' models do (the tower's config, or the whole model's)
+        if output_hidden_states is None:
+            output_hidden_states = self.vision_tower.config.output_hidden_states or self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.vision_tower.config.output_attentions or self.config.output_attentions
         if vision_features is not None:
             selected = list(vision_features.to(self.vision_tower.dtype).unbind(1))
         else:
@@ -147,6 +153,7 @@ class ConnectorVLMModel(ConnectorVLMPreTrainedModel):
         return inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.device, inputs_embeds.dtype))
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # the name transformers used before 5.24
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -218,6 +225,7 @@ class ConnectorVLMForConditionalGeneration(ConnectorVLMPreTrainedModel, Generati
         return self.model.get_image_features(pixel_values, vision_features, **kwargs)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")  # the name transformers used before 5.24
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -308,3 +308,27 @@ def test_image_features_follow_llava_the_tower_output_with_the_projection_in_poo
     assert tuple(out.pooler_output[0].shape) == (model.config.num_image_tokens, model.config.text_config.hidden_size)
     assert torch.equal(asked.pooler_output[0], out.pooler_output[0])
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
+    # an unset flag follows the config, as in transformers' models (its common tests set it there)
+    for config in (model.config, model.model.vision_tower.config):
+        config.output_hidden_states = True
+        with torch.no_grad():
+            assert len(model.get_image_features(pixel_values).hidden_states) == layers + 1
+        config.output_hidden_states = False
+
+
+def test_the_cache_is_also_taken_under_its_old_name_with_a_deprecation_warning(built):
+    """transformers 5.24 renamed forward's `past_key_values` to `cache`; its models take the old name with a
+    FutureWarning, as this one does (transformers' common test_bc_cache_name_forward)."""
+    import warnings
+
+    from transformers.cache_utils import DynamicCache
+
+    model, processor = built()
+    inputs = model_inputs(processor)
+    with torch.no_grad():
+        new = model(**inputs, cache=DynamicCache(config=model.config.text_config), use_cache=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            old = model(**inputs, past_key_values=DynamicCache(config=model.config.text_config), use_cache=True)
+    assert any("`past_key_values` is deprecated" in str(w.message) for w in caught)
+    assert torch.equal(old.logits, new.logits) and old.cache.get_seq_length() == new.cache.get_seq_length() > 0
