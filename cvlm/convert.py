@@ -26,8 +26,15 @@ from cvlm.files import MODEL_TYPE, atomic_folder, check_output
 from cvlm.loading import check_weights, load_processor, read_config
 from cvlm.modeling import ConnectorVLMConfig, ConnectorVLMForConditionalGeneration, ConnectorVLMProcessor
 
-PROJECTOR = {"model.multi_modal_projector.linear_1.": "model.connector.layers.0.",
-             "model.multi_modal_projector.linear_2.": "model.connector.layers.2."}
+# a LlavaForConditionalGeneration checkpoint's weight names -> the family's, for from_pretrained(key_mapping=...):
+# the layout transformers writes now (only the projector differs) and the one it wrote before 4.52
+LLAVA_KEY_MAPPING = {
+    r"^(?:model\.)?multi_modal_projector\.linear_1\.": "model.connector.layers.0.",
+    r"^(?:model\.)?multi_modal_projector\.linear_2\.": "model.connector.layers.2.",
+    r"^vision_tower\.": "model.vision_tower.",
+    r"^language_model\.model\.": "model.language_model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
 
 
 CONVERT_FACTS = "cvlm_convert.json"  # marks a to-llava output as written by this project
@@ -58,11 +65,10 @@ def from_llava(source: str, output: str | os.PathLike, projector: str | None = N
     if projector or vision:
         raise ConversionError("--projector and --vision belong to LLaVA-repo checkpoints; a transformers LLaVA "
                               "checkpoint carries both already: drop them.")
-    llava = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto")
-    from transformers import AutoProcessor
+    from transformers import AutoProcessor, GenerationConfig
 
     llava_processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
-    lc = llava.config
+    lc = LlavaConfig.from_pretrained(source)
     strategy = lc.vision_feature_select_strategy
     config = ConnectorVLMConfig(
         vision_config=lc.vision_config.to_dict(), text_config=lc.text_config.to_dict(), connector_type="mlp",
@@ -76,14 +82,19 @@ def from_llava(source: str, output: str | os.PathLike, projector: str | None = N
             f"({config.vision_config.model_type}) has {_num_prefix(config)} prefix tokens, so LLaVA drops a real "
             "patch; connector-vlm keeps every patch and cannot express that. Use the 'full' strategy in LLaVA."
         )
-    state = {}
-    for key, value in llava.state_dict().items():
-        for old, new in PROJECTOR.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-        state[key] = value
-    model = _assemble(config, state, llava.dtype)
-    model.generation_config = llava.generation_config
+    # transformers reads the weights into the family's names; every weight must land, none may be left over
+    model, loading = ConnectorVLMForConditionalGeneration.from_pretrained(
+        source, config=config, key_mapping=LLAVA_KEY_MAPPING, dtype=lc.text_config.dtype or "auto",
+        output_loading_info=True)
+    lost = {k: v for k, v in loading.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if lost:
+        raise ConversionError(f"{source}: the weights do not map one to one onto the family's: {lost}.")
+    # transformers saves a model in the names it was read from (it reverts the key mapping on save): the
+    # converted model is the family's, so it forgets them and saves in its own
+    del model._weight_conversions
+    model.eval()
+    model.generation_config = GenerationConfig.from_model_config(lc) if not (Path(str(source)) / "generation_config.json").exists() \
+        else GenerationConfig.from_pretrained(source)
     processor = ConnectorVLMProcessor(image_processor=llava_processor.image_processor, tokenizer=llava_processor.tokenizer,
                                       num_image_tokens=config.num_image_tokens, chat_template=llava_processor.chat_template,
                                       image_token=llava_processor.image_token)

@@ -183,30 +183,23 @@ def _encoder(root: Path, resolution: int, config: StudyConfig) -> str:
 
 def processes() -> tuple[int, int, callable]:
     """(rank, world size, barrier) of the processes that run one study run together. A run may itself
-    be a multi-process job (torchrun, accelerate launch, a submitit job with several tasks: WORLD_SIZE
-    > 1): every process trains, the first one builds, scores and writes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, lambda: None
-    import torch
-    import torch.distributed as dist
+    be a multi-process job (torchrun, accelerate launch, a submitit job with several tasks): every
+    process trains and answers its share of the questions, the first one builds and writes."""
+    from cvlm.eval.runner import process_state
 
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world, dist.barrier
+    state = process_state()
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 def share(value):
     """The first process's `value`, on every process of the run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return value
-    import torch.distributed as dist
+    from cvlm.eval.runner import process_state
 
-    holder = [value]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
+    if process_state().num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: int, seed: int,

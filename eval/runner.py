@@ -59,11 +59,12 @@ class _PrefillClock(BaseStreamer):
         pass
 
 
-def _distributed():
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return int(os.environ.get("RANK", "0")), world
+def process_state():
+    """accelerate's view of the processes launched together (torchrun, accelerate launch, a job with several
+    tasks): it joins their process group, or starts it; a lone process is process 0 of 1."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _read_predictions(folder: Path) -> dict:
@@ -295,7 +296,8 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     _check_settings(limit, batch_size, max_new_tokens, mode)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r} is invalid. Allowed values: float32, bfloat16, float16.")
-    rank, world = _distributed()
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
     out = Path(output)
     questions, problems = load_benchmark(benchmark, data, image_folder=image_folder)
     questions = questions[:limit] if limit else questions
@@ -305,11 +307,11 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     check_mapping(mapping_file or MAPPING_FILE, benchmark, questions)
     _claim_output(out, _fingerprint(model_id, benchmark, data, image_folder, mode, max_new_tokens, batch_size, dtype),
                   overwrite, rank)
-    if world > 1:
-        torch.distributed.barrier()
+    state.wait_for_everyone()
     metric = load_metric(benchmark)
     done = _read_predictions(out)
-    mine = [q for i, q in enumerate(questions) if i % world == rank]
+    with state.split_between_processes(questions) as mine:  # a contiguous share of the questions each
+        mine = list(mine)
     # Batches keep their places in the question order, so a resumed run asks each unfinished
     # question in the same batch (same padding) as an uninterrupted run would.
     batches = [[q for q in mine[i : i + batch_size] if q.id not in done] for i in range(0, len(mine), batch_size)]
@@ -321,8 +323,7 @@ def evaluate_model(model_id: str, benchmark: str, data: str, output: str, limit:
     processor.tokenizer.padding_side = "left"  # batches end where generation starts, whatever the checkpoint says
     path = out / ("predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
     _answer_batches(model, processor, batches, path, benchmark, metric, mode, max_new_tokens, rank)
-    if world > 1:
-        torch.distributed.barrier()
+    state.wait_for_everyone()
     if rank != 0:
         return None
 

@@ -130,3 +130,28 @@ def test_llava_repo_format_with_a_separate_projector(tmp_path):
         config["mm_projector_type"] = "resampler"
         (tmp_path / "repo" / "config.json").write_text(json.dumps(config))
         from_llava(str(tmp_path / "repo"), tmp_path / "again")
+
+
+def test_from_llava_reads_both_llava_weight_layouts_and_refuses_a_weight_it_cannot_place(tmp_path):
+    """transformers writes LLaVA in its pre-4.52 names (language_model.model.*, vision_tower.*); checkpoints
+    saved by 4.52-4.x use the runtime names (model.language_model.*, ...): both convert to the same weights."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    llava, _ = make_llava(tmp_path / "llava")
+    legacy = load_file(from_llava(str(tmp_path / "llava"), tmp_path / "ours") / "model.safetensors")
+    shutil.copytree(tmp_path / "llava", tmp_path / "current")
+    save_file({k: v.contiguous() for k, v in llava.state_dict().items()}, tmp_path / "current" / "model.safetensors",
+              metadata={"format": "pt"})
+    assert "model.multi_modal_projector.linear_1.weight" in load_file(tmp_path / "current" / "model.safetensors")
+    current = load_file(from_llava(str(tmp_path / "current"), tmp_path / "ours-current") / "model.safetensors")
+    assert sorted(current) == sorted(legacy) and all(torch.equal(current[k], legacy[k]) for k in legacy)
+    assert "model.connector.layers.0.weight" in legacy  # saved in the family's names, not the source's
+
+    weights = load_file(tmp_path / "current" / "model.safetensors")
+    weights["model.multi_modal_projector.linear_3.weight"] = torch.zeros(2, 2)
+    save_file(weights, tmp_path / "current" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"the weights do not map one to one onto the family's: "
+                                              r"\{'unexpected_keys': \{'model.multi_modal_projector.linear_3.weight'\}\}"):
+        from_llava(str(tmp_path / "current"), tmp_path / "ours-extra")
