@@ -36,6 +36,26 @@ def _timed(fn, device: torch.device) -> float:
 
 
 @torch.inference_mode()
+def _connector_case(name: str, target: torch.device, **build_args) -> tuple:
+    """(name, model, inputs, connector forward, prefill, their times): one connector, built and ready to time."""
+    model, processor = build_model(**build_args)
+    model.to(target).eval()
+    text = chat_prompt(processor, PROMPT, 1)
+    inputs = processor(images=[demo_image(256)], text=[text], return_tensors="pt").to(target)
+    pixel_values = inputs["pixel_values"].to(model.dtype)
+    features = model.model.select_vision_features(pixel_values)
+    image = model.model.get_image_features(pixel_values)
+
+    def connector_forward():
+        model.model.connector(features)
+
+    def prefill():
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], mm_encoder_outputs={"image": image},
+              logits_to_keep=1)
+
+    return name, model, inputs, connector_forward, prefill, {"connector": [], "prefill": []}
+
+
 def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_size: int | None = None,
                      connectors: list[str] | None = None, repeats: int = 20, warmup: int = 3,
                      dtype: str = "float32", device: str = "cpu", seed: int = 0, **preset_size) -> list[dict]:
@@ -50,26 +70,8 @@ def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_s
     if "mlp" not in names:
         names = ["mlp", *names]  # the reference for the speed-up
     target = torch.device(device)
-    cases = []
-    for name in names:
-        model, processor = build_model(vision=vision, llm=llm, connector=name, image_size=image_size, seed=seed,
-                                       dtype=dtype, **preset_size)
-        model.to(target).eval()
-        text = chat_prompt(processor, PROMPT, 1)
-        inputs = processor(images=[demo_image(256)], text=[text], return_tensors="pt").to(target)
-        pixel_values = inputs["pixel_values"].to(model.dtype)
-        features = model.model.select_vision_features(pixel_values)
-        image = model.model.get_image_features(pixel_values)
-
-        def connector_forward(model=model, features=features):
-            model.model.connector(features)
-
-        def prefill(model=model, inputs=inputs, image=image):
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                  mm_encoder_outputs={"image": image}, logits_to_keep=1)
-
-        cases.append((name, model, inputs, connector_forward, prefill, {"connector": [], "prefill": []}))
-
+    cases = [_connector_case(name, target, vision=vision, llm=llm, connector=name, image_size=image_size, seed=seed,
+                             dtype=dtype, **preset_size) for name in names]
     for round_index in range(warmup + repeats):
         for *_, connector_forward, prefill, times in cases:
             connector_s, prefill_s = _timed(connector_forward, target), _timed(prefill, target)

@@ -186,6 +186,14 @@ def load_lm(spec: str, dtype="auto", seed: int = 0, width=None, layers=None):
 
 
 # ---- the composite -------------------------------------------------------------------------------
+def _check_patch_multiple(image_size: int | None, patch: int) -> None:
+    if image_size is not None and image_size % patch:
+        below, above = image_size // patch * patch, (image_size // patch + 1) * patch
+        raise ValueError(f"--image-size {image_size} is not a multiple of the encoder's patch size {patch}: the "
+                         f"encoder would drop the last {image_size % patch} pixel rows. Use "
+                         + (f"{below} or {above}." if below else f"{above}."))
+
+
 def build_model(
     vision: str = "tiny-clip",
     llm: str = "tiny-llama",
@@ -207,12 +215,7 @@ def build_model(
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"--image-size {image_size!r} is invalid: use a positive number of pixels, e.g. 224.")
     vision_model, image_processor = load_vision(vision, image_size, dtype, seed, vision_width, vision_layers)
-    patch = _pair(vision_model.config.patch_size)[0]
-    if image_size is not None and image_size % patch:
-        below, above = image_size // patch * patch, (image_size // patch + 1) * patch
-        raise ValueError(f"--image-size {image_size} is not a multiple of the encoder's patch size {patch}: the "
-                         f"encoder would drop the last {image_size % patch} pixel rows. Use "
-                         + (f"{below} or {above}." if below else f"{above}."))
+    _check_patch_multiple(image_size, _pair(vision_model.config.patch_size)[0])
     lm, tokenizer, generation_config = load_lm(llm, dtype, seed, llm_width, llm_layers)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = ConnectorVLMConfig(
@@ -224,20 +227,7 @@ def build_model(
         vision_feature_select_strategy=select_strategy,
         image_token_id=image_token_id,
     )
-    with torch.device("meta"):  # skeleton only: the backbones are moved in below, never re-initialised
-        model = ConnectorVLMForConditionalGeneration(config)
-    body = lm.base_model
-    if type(body) is not type(model.model.language_model):
-        raise ValueError(f"{llm!r}: its body is {type(body).__name__}, AutoModel builds {type(model.model.language_model).__name__}.")
-    model.model.vision_tower = vision_model
-    model.model.language_model = body
-    model.lm_head = lm.get_output_embeddings()
-    torch.manual_seed(seed)
-    model.model.connector = config.connector_class(config)
-    model.model.connector.apply(model._init_weights)
-    model.to(lm.dtype)
-    model.tie_weights()
-    model.config.dtype = lm.dtype
+    model = _assemble_model(config, vision_model, lm, llm, seed)
     generation_config.suppress_tokens = [image_token_id]  # the model must never write an <image> itself
     model.generation_config = generation_config
     model.eval()
@@ -252,6 +242,25 @@ def build_model(
         chat_template=FLATTEN_CONTENT_PRELUDE + tokenizer.chat_template,
     )
     return model, processor
+
+
+def _assemble_model(config: ConnectorVLMConfig, vision_model, lm, llm: str, seed: int):
+    """The model around the loaded backbones (moved in, never re-initialised) and a connector seeded with `seed`."""
+    with torch.device("meta"):  # skeleton only
+        model = ConnectorVLMForConditionalGeneration(config)
+    body = lm.base_model
+    if type(body) is not type(model.model.language_model):
+        raise ValueError(f"{llm!r}: its body is {type(body).__name__}, AutoModel builds {type(model.model.language_model).__name__}.")
+    model.model.vision_tower = vision_model
+    model.model.language_model = body
+    model.lm_head = lm.get_output_embeddings()
+    torch.manual_seed(seed)
+    model.model.connector = config.connector_class(config)
+    model.model.connector.apply(model._init_weights)
+    model.to(lm.dtype)
+    model.tie_weights()
+    model.config.dtype = lm.dtype
+    return model
 
 
 def save_checkpoint(model, processor, output_dir: str | os.PathLike, keep_existing: bool = False,

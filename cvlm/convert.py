@@ -159,7 +159,19 @@ def _from_llava_repo(source: str, raw: dict, output, projector: str | None, visi
     config.text_config.vocab_size = vocab
     config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision_model = AutoModel.from_pretrained(vision_id, dtype="auto")
-    vision_model = getattr(vision_model, "vision_model", vision_model)
+    state = _llava_repo_state(getattr(vision_model, "vision_model", vision_model), lm_state, proj_state, renames, vocab)
+    model = _assemble(config, state, next(iter(lm_state.values())).dtype)
+    image_processor = AutoImageProcessor.from_pretrained(vision_id)
+    processor = ConnectorVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                      num_image_tokens=config.num_image_tokens, chat_template=_template(tokenizer))
+    model.build_facts = {"converted_from": str(source), "format": "LLaVA repository", "vision": vision_id}
+    return save_checkpoint(model, processor, output, overwrite=overwrite)
+
+
+def _llava_repo_state(vision_model, lm_state: dict, proj_state: dict, renames: dict, vocab: int) -> dict:
+    """The family's state dict from a LLaVA-repo checkpoint: the vision tower's, the LM's (its mm_ weights
+    left out) and the projector's, renamed; embeddings grown to `vocab` rows (an added <image>) with the mean
+    row, deterministically (resize_token_embeddings(mean_resizing=True) samples, so a conversion would not repeat)."""
     state = {f"model.vision_tower.{k}": v for k, v in vision_model.state_dict().items()}
     for key, value in lm_state.items():
         if "mm_projector." in key or "vision_tower" in key:
@@ -171,18 +183,13 @@ def _from_llava_repo(source: str, raw: dict, output, projector: str | None, visi
     for key, value in proj_state.items():
         prefix = next(p for p in sorted(renames, key=len, reverse=True) if key.startswith(p))
         state[renames[prefix] + key[len(prefix):]] = value
-    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):  # room for an added <image>
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         if key in state and state[key].shape[0] < vocab:
             grown = state[key].new_zeros(vocab, state[key].shape[1])
             grown[: state[key].shape[0]] = state[key]
             grown[state[key].shape[0]:] = state[key].mean(0)
             state[key] = grown
-    model = _assemble(config, state, next(iter(lm_state.values())).dtype)
-    image_processor = AutoImageProcessor.from_pretrained(vision_id)
-    processor = ConnectorVLMProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                      num_image_tokens=config.num_image_tokens, chat_template=_template(tokenizer))
-    model.build_facts = {"converted_from": str(source), "format": "LLaVA repository", "vision": vision_id}
-    return save_checkpoint(model, processor, output, overwrite=overwrite)
+    return state
 
 
 def _template(tokenizer) -> str:
@@ -210,6 +217,28 @@ def _read_shards(folder: Path) -> dict:
 
 
 # ---- to LLaVA -----------------------------------------------------------------------------------
+def _llava_weights(model) -> tuple[dict, str, bool]:
+    """(LLaVA's state dict, its projector activation, whether the projector has biases) of a family model
+    whose connector LLaVA can express: a 2-layer mlp as it is; linear as Linear -> identity -> identity Linear."""
+    config = model.config
+    kind, hyper, width = config.connector_type, config.connector_config, config.text_config.hidden_size
+    weights = model.state_dict()
+    state = {k: v for k, v in weights.items() if not k.startswith("model.connector.")}
+    projector = "model.multi_modal_projector."
+    if kind == "mlp":
+        for i, name in ((0, "linear_1"), (2, "linear_2")):
+            for p in ("weight", "bias"):
+                if f"model.connector.layers.{i}.{p}" in weights:
+                    state[f"{projector}{name}.{p}"] = weights[f"model.connector.layers.{i}.{p}"]
+        return state, hyper["act"], hyper["bias"]
+    state[f"{projector}linear_1.weight"] = model.model.connector.proj.weight.detach()
+    if hyper["bias"]:
+        state[f"{projector}linear_1.bias"] = model.model.connector.proj.bias.detach()
+        state[f"{projector}linear_2.bias"] = torch.zeros(width, dtype=model.dtype)
+    state[f"{projector}linear_2.weight"] = torch.eye(width, dtype=model.dtype)
+    return state, "linear", hyper["bias"]  # "linear": the identity activation
+
+
 def to_llava(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """A family checkpoint with a connector LLaVA can express, as LlavaForConditionalGeneration."""
     from transformers import LlavaProcessor
@@ -234,26 +263,7 @@ def to_llava(source: str | os.PathLike, output: str | os.PathLike, overwrite: bo
     if strategy == "default" and prefix not in (0, 1):
         raise ConversionError(f"LLaVA's 'default' strategy drops exactly one token; this encoder has {prefix}.")
     llava_strategy = "full" if prefix == 0 else strategy  # no CLS: keep every patch, as 'default' does here
-    width = config.text_config.hidden_size
-    state = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("model.connector."):
-            continue
-        state[key] = value
-    if kind == "mlp":
-        for i, name in ((0, "linear_1"), (2, "linear_2")):
-            for p in ("weight", "bias"):
-                if f"model.connector.layers.{i}.{p}" in model.state_dict():
-                    state[f"model.multi_modal_projector.{name}.{p}"] = model.state_dict()[f"model.connector.layers.{i}.{p}"]
-        act, bias = hyper["act"], hyper["bias"]
-    else:
-        state["model.multi_modal_projector.linear_1.weight"] = model.model.connector.proj.weight.detach()
-        bias = hyper["bias"]
-        if bias:
-            state["model.multi_modal_projector.linear_1.bias"] = model.model.connector.proj.bias.detach()
-            state["model.multi_modal_projector.linear_2.bias"] = torch.zeros(width, dtype=model.dtype)
-        state["model.multi_modal_projector.linear_2.weight"] = torch.eye(width, dtype=model.dtype)
-        act = "linear"  # identity: Linear, identity, identity Linear == the linear connector
+    state, act, bias = _llava_weights(model)
     llava_config = LlavaConfig(
         vision_config=config.vision_config.to_dict(), text_config=config.text_config.to_dict(),
         image_token_index=config.image_token_id, image_seq_length=config.num_image_tokens, projector_hidden_act=act,

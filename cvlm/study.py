@@ -204,12 +204,9 @@ def share(value):
 
 def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: int, seed: int,
             config: StudyConfig, data: dict) -> dict | None:
-    import torch
-    from transformers import TrainingArguments
-
+    """One run: build, align, finetune, score; its row (None on the other processes of a multi-process run)."""
     from cvlm.build import build
     from cvlm.eval.runner import evaluate_model
-    from cvlm.trainers.train import DataArguments, LoraArguments, ModelArguments, train
 
     start = time.time()
     rank, world, barrier = processes()
@@ -223,6 +220,29 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
               image_size=resolution, seed=seed, llm_width=config.llm_width, llm_layers=config.llm_layers,
               vision_width=config.vision_width if data["vision"] == config.vision else None)
     barrier()
+    _train_stages(run_dir, seed, config, data, world, barrier)
+    results = {}
+    for benchmark, path in data["benchmarks"].items():  # the processes share the questions out
+        # likelihood ranking of the option texts: a perception test that needs no letter / yes-no binding
+        mode = "likelihood" if benchmark in ("mmbench", "seed_bench") else "generate"
+        results[benchmark] = evaluate_model(str(run_dir / "finetune"), benchmark, path, str(run_dir / f"eval-{benchmark}"),
+                                            mode=mode, mapping_file=data.get("mapping"), max_new_tokens=4)
+    if rank:
+        return None
+    return {**_row(run_dir, results), "connector": label, "connector_type": connector, "hyper_parameters": hyper,
+            "family": CONNECTORS[connector].family, "resolution": resolution, "seed": seed,
+            "wall_s": round(time.time() - start, 1)}
+
+
+def _train_stages(run_dir: Path, seed: int, config: StudyConfig, data: dict, world: int, barrier) -> None:
+    """Align (the connector alone), then finetune (connector + LoRA or the whole LM), the study's global
+    batch split between the run's processes."""
+    import torch
+    from transformers import TrainingArguments
+
+    from cvlm.trainers.train import DataArguments, LoraArguments, ModelArguments, train
+
+    together = {} if world == 1 or torch.cuda.is_available() else {"use_cpu": True, "ddp_backend": "gloo"}
     stages = [("align", run_dir / "base", data["align"], config.align_steps, config.align_lr),
               ("finetune", run_dir / "align", data["finetune"], config.finetune_steps, config.finetune_lr)]
     for stage, source, train_data, steps, lr in stages:
@@ -232,25 +252,19 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
               LoraArguments(lora_r=config.lora_r, lora_alpha=config.lora_alpha),
               TrainingArguments(output_dir=str(run_dir / stage), max_steps=steps, learning_rate=lr,
                                 per_device_train_batch_size=config.batch_size // world, seed=seed, report_to="none",
-                                disable_tqdm=True, save_strategy="no", logging_steps=10, warmup_steps=10,
-                                **({} if world == 1 or torch.cuda.is_available() else {"use_cpu": True, "ddp_backend": "gloo"})))
+                                disable_tqdm=True, save_strategy="no", logging_steps=10, warmup_steps=10, **together))
         barrier()  # the first process has written the stage's checkpoint
+
+
+def _row(run_dir: Path, results: dict) -> dict:
+    """What a run records from its scores, its training facts and its checkpoint."""
     final = run_dir / "finetune"
-    results = {}
-    for benchmark, path in data["benchmarks"].items():  # the processes share the questions out
-        # likelihood ranking of the option texts: a perception test that needs no letter / yes-no binding
-        mode = "likelihood" if benchmark in ("mmbench", "seed_bench") else "generate"
-        results[benchmark] = evaluate_model(str(final), benchmark, path, str(run_dir / f"eval-{benchmark}"), mode=mode,
-                                            mapping_file=data.get("mapping"), max_new_tokens=4)
-    if rank:
-        return None
     facts = [json.loads((run_dir / s / "cvlm_training.json").read_text()) for s in ("align", "finetune")]
     config_json = json.loads((final / "config.json").read_text())
     scores = {}
     for g in GRANULARITIES:
         values = [r["granularity"][g]["macro"] for r in results.values() if r["granularity"][g]["macro"] is not None]
         scores[g] = statistics.fmean(values) if values else None
-    first = next(iter(results.values()))
     questions = {}
     for benchmark, r in results.items():  # per question: its granularity and whether it was right
         granularity_of = {key.split("/", 1)[1]: g for g in GRANULARITIES for key in r["granularity"][g]["subtasks"]}
@@ -258,9 +272,7 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
                           for q, o in r["questions"].items() if o["subtask"] in granularity_of})
     return {
         "questions": questions,
-        "connector": label, "connector_type": connector, "hyper_parameters": hyper,
-        "family": CONNECTORS[connector].family, "resolution": resolution, "seed": seed,
-        "tokens": first["speed"]["visual_tokens_per_image"],
+        "tokens": next(iter(results.values()))["speed"]["visual_tokens_per_image"],
         "patches": math.prod(ConnectorVLMConfig.from_dict(config_json).vision_grid),
         "scores": scores, "benchmarks": {b: r["granularity"] for b, r in results.items()},
         "subtasks": {b: {k: v for g in GRANULARITIES for k, v in r["granularity"][g]["subtasks"].items()}
@@ -270,8 +282,7 @@ def run_one(run_dir: Path, connector: str, hyper: dict, label: str, resolution: 
         "losses": {f["stage"]: f["losses"] for f in facts},
         "prefill_ms": 1000 * statistics.fmean(r["speed"]["mean_prefill_latency_s"] for r in results.values()),
         "peak_memory_mb": max(r["speed"]["peak_memory_mb"] for r in results.values()),
-        "checkpoint": str(final), "wall_s": round(time.time() - start, 1),
-        "connector_config": config_json.get("connector_config"),
+        "checkpoint": str(final), "connector_config": config_json.get("connector_config"),
     }
 
 
