@@ -35,7 +35,6 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-@torch.inference_mode()
 def _connector_case(name: str, target: torch.device, **build_args) -> tuple:
     """(name, model, inputs, connector forward, prefill, their times): one connector, built and ready to time."""
     model, processor = build_model(**build_args)
@@ -56,6 +55,7 @@ def _connector_case(name: str, target: torch.device, **build_args) -> tuple:
     return name, model, inputs, connector_forward, prefill, {"connector": [], "prefill": []}
 
 
+@torch.inference_mode()
 def bench_connectors(vision: str = "tiny-clip", llm: str = "tiny-llama", image_size: int | None = None,
                      connectors: list[str] | None = None, repeats: int = 20, warmup: int = 3,
                      dtype: str = "float32", device: str = "cpu", seed: int = 0, **preset_size) -> list[dict]:
