@@ -302,14 +302,6 @@ def run_fingerprint(job: dict) -> str:
                             "version": RUN_FORMAT})
 
 
-def _finished_row(run_dir: Path, fingerprint: str) -> dict | None:
-    try:
-        row = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return row if row.get("fingerprint") == fingerprint else None
-
-
 def _run_job(job: dict) -> dict:
     """One run, in a worker process (or inline): its row, written to run.json, or its failure."""
     run_dir = Path(job["run_dir"])

@@ -82,21 +82,22 @@ def run_dir(output: str | os.PathLike, name: str) -> Path:
     return Path(output) / "runs" / name
 
 
-def finished_row(output: str | os.PathLike, entry: dict) -> dict | None:
-    """The run's row when it finished under the plan's fingerprint, else None."""
+def _recorded(output: str | os.PathLike, entry: dict, name: str) -> dict | None:
+    """The run's `name` record (run.json, failure.json) when it was written under the plan's fingerprint."""
     try:
-        row = json.loads((run_dir(output, entry["name"]) / "run.json").read_text())
+        record = json.loads((run_dir(output, entry["name"]) / name).read_text())
     except (OSError, ValueError):
         return None
-    return row if row.get("fingerprint") == entry["fingerprint"] else None
+    return record if record.get("fingerprint") == entry["fingerprint"] else None
+
+
+def finished_row(output: str | os.PathLike, entry: dict) -> dict | None:
+    """The run's row when it finished under the plan's fingerprint, else None."""
+    return _recorded(output, entry, "run.json")
 
 
 def recorded_failure(output: str | os.PathLike, entry: dict) -> dict | None:
-    try:
-        failure = json.loads((run_dir(output, entry["name"]) / "failure.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return failure if failure.get("fingerprint") == entry["fingerprint"] else None
+    return _recorded(output, entry, "failure.json")
 
 
 # ---- one run -----------------------------------------------------------------------------------------
