@@ -344,6 +344,10 @@ def run_study(config: StudyConfig, overwrite: bool = False, options=None) -> dic
     bar = tqdm(total=len(plan["runs"]), initial=len(plan["runs"]) - len(todo), desc="cvlm study", unit="run")
 
     def on_done(name: str, outcome: dict) -> None:
+        if "failure" in outcome:
+            tqdm.write(f"cvlm study: {name} failed: {outcome['failure']['error']}")
+        elif "busy" in outcome:
+            tqdm.write(f"cvlm study: {name} is being run by another process; left to it")
         bar.update(1)
         bar.set_postfix_str(f"last: {name}")
 

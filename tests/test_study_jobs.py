@@ -77,31 +77,36 @@ def test_a_run_held_by_another_process_is_left_alone(tmp_path):
     assert not (root / "runs").exists()  # nothing was started or removed
 
 
-def test_a_killed_run_resubmitted_through_submitit_finishes_without_redoing_the_others(local_quick, tmp_path):
+def test_a_killed_job_resubmitted_finishes_the_study_without_redoing_the_others(local_quick, tmp_path):
+    """One submitit job is killed (SIGKILL, as a scheduler's pre-emption would) while it trains: the study
+    goes on, reports it unfinished, and the same command again runs only that job."""
+    import psutil
+
     root = tmp_path / "study"
-    cvlm("study", "--quick", "--output", str(root), "--plan")
-    cvlm("study", "--output", str(root), "--run", "avgpool-32px-seed0")
+    command = [sys.executable, "-m", "cvlm.cli", "study", "--quick", "--output", str(root), "--launcher",
+               "submitit-local", "--workers", "1"]  # one job at a time: mlp first, then avgpool
+    study = subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    started = root / "runs" / "mlp-32px-seed0" / "align" / "cvlm_run.json"  # mlp's job has begun training
+    deadline = time.time() + 300
+    while not started.exists() and study.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    jobs = [p for p in psutil.Process(study.pid).children(recursive=True)
+            if "submitit.core._submit" in " ".join(p.cmdline())]
+    assert len(jobs) == 1, "mlp's job should be the one running"
+    os.kill(jobs[0].pid, signal.SIGKILL)
+    output, _ = study.communicate(timeout=900)
+    assert study.returncode == 0, output[-3000:]
+    assert re.search(r"cvlm study: mlp-32px-seed0 failed: job \d+ ended without a result", output)
+    assert "cvlm study: 1 of 2 runs have not finished: mlp-32px-seed0" in output
+    first = json.loads((root / "results.json").read_text())
+    assert first["pending"] == ["mlp-32px-seed0"] and [r["connector"] for r in first["runs"]] == ["avgpool"]
     kept = root / "runs" / "avgpool-32px-seed0" / "run.json"
     kept_at = kept.stat().st_mtime_ns
-    started = root / "runs" / "mlp-32px-seed0" / "align" / "cvlm_run.json"  # training has begun
-    job = subprocess.Popen([sys.executable, "-m", "cvlm.cli", "study", "--output", str(root), "--run", "mlp-32px-seed0"],
-                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not started.exists() and job.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert job.poll() is None, "the run ended before it could be killed"
-    os.kill(job.pid, signal.SIGKILL)
-    job.wait()
-    assert not (root / "runs" / "mlp-32px-seed0" / "run.json").exists()
-    collected = cvlm("study", "--output", str(root), "--collect")
-    assert "cvlm study: 1 of 2 runs have not finished: mlp-32px-seed0" in collected.stdout
-    assert json.loads((root / "results.json").read_text())["pending"] == ["mlp-32px-seed0"]
 
-    again = cvlm("study", "--quick", "--output", str(root), "--launcher", "submitit-local")
+    again = cvlm(*command[3:])
     assert re.search(r"submitted mlp-32px-seed0 \(job \d+\)", again.stdout + again.stderr)
     assert "avgpool-32px-seed0 (job" not in again.stdout + again.stderr  # finished: not submitted again
     assert kept.stat().st_mtime_ns == kept_at
-    assert (root / "submitit").is_dir()
     result = json.loads((root / "results.json").read_text())
     assert result["pending"] == [] and result["failures"] == []
     # the same scores, question by question, as the default local run
