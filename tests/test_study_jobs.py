@@ -77,6 +77,7 @@ def test_a_run_held_by_another_process_is_left_alone(tmp_path):
     assert not (root / "runs").exists()  # nothing was started or removed
 
 
+@pytest.mark.slow  # a minute each: whole --quick studies
 def test_a_killed_job_resubmitted_finishes_the_study_without_redoing_the_others(local_quick, tmp_path):
     """One submitit job is killed (SIGKILL, as a scheduler's pre-emption would) while it trains: the study
     goes on, reports it unfinished, and the same command again runs only that job."""
@@ -113,6 +114,7 @@ def test_a_killed_job_resubmitted_finishes_the_study_without_redoing_the_others(
     assert answers(root) == answers(local_quick)
 
 
+@pytest.mark.slow  # a minute each: whole --quick studies
 def test_a_run_of_two_processes_trains_together_and_answers_as_one_process(local_quick, tmp_path):
     """A job with two tasks is one run of two processes (DDP over gloo here, one per GPU on a cluster):
     same global batch, the questions shared out, the same answers."""
@@ -126,6 +128,7 @@ def test_a_run_of_two_processes_trains_together_and_answers_as_one_process(local
     assert answers(root) == answers(local_quick)
 
 
+@pytest.mark.slow  # a minute each: whole --quick studies
 def test_the_readme_cluster_commands_run_on_the_local_executor(local_quick, tmp_path):
     readme = (REPO / "README.md").read_text()
     block = re.search(r"<!-- ci: cluster -->\n```bash\n(.*?)```", readme, re.S).group(1)
