@@ -161,11 +161,19 @@ def _synthetic(root: Path, resolution: int, config: StudyConfig) -> dict:
     if marker.exists():
         saved = read_json(marker, "study data record")
         if saved.get("settings") == settings:
-            return saved["paths"]
+            return _data_paths(folder)
         shutil.rmtree(folder)  # written for other settings: made again, never reused
     paths = write_benchmark(folder, **settings | {"difficulty": difficulty})
-    write_atomic(marker, json.dumps({"settings": settings, "paths": paths}))
-    return paths
+    # recorded relative to the folder: machines that mount a shared study elsewhere find them too
+    relative = {k: os.path.relpath(v, folder) for k, v in paths.items()}
+    write_atomic(marker, json.dumps({"settings": settings, "paths": relative}))
+    return _data_paths(folder)
+
+
+def _data_paths(folder: Path) -> dict:
+    """The synthetic data's files, from the folder's record (older records hold absolute paths)."""
+    saved = read_json(folder / "paths.json", "study data record")["paths"]
+    return {k: str(folder / v) for k, v in saved.items()}  # an absolute v stays as it is
 
 
 def _encoder(root: Path, resolution: int, config: StudyConfig) -> str:
@@ -361,7 +369,7 @@ def collect(output: str | os.PathLike) -> dict:
     """results.json, the report and the plots from the runs of the plan that finished; the others are
     listed (`pending`: never run, busy or interrupted; `failures`: ended with an error)."""
     from cvlm.report import learnt, verdicts, write_report
-    from cvlm.study_jobs import finished_row, read_plan, recorded_failure
+    from cvlm.study_jobs import finished_row, read_plan, recorded_failure, run_dir
 
     root = Path(output).resolve()
     plan = read_plan(root)
@@ -370,8 +378,8 @@ def collect(output: str | os.PathLike) -> dict:
     for entry in plan["runs"]:
         row = finished_row(root, entry)
         failure = None if row else recorded_failure(root, entry)
-        if row:
-            rows.append(row)
+        if row:  # its checkpoint where this machine sees the shared folder (it may have run on another)
+            rows.append({**row, "checkpoint": str(run_dir(root, entry["name"]) / "finetune")})
         elif failure:
             failures.append({k: v for k, v in failure.items() if k != "fingerprint"})
         else:
@@ -432,7 +440,7 @@ def _baselines(root: Path, rows: list[dict]) -> dict:
     from cvlm.eval.synthetic import SUBTASKS
 
     best = max(rows, key=lambda r: statistics.fmean(v or 0 for v in r["scores"].values()))
-    paths = read_json(root / "data" / f"synthetic-{best['resolution']}" / "paths.json", "study data record")["paths"]
+    paths = _data_paths(root / "data" / f"synthetic-{best['resolution']}")
     questions, _ = load_benchmark("mmbench", paths["mmbench"])
     per_subtask: dict[str, list[float]] = {}
     for q in questions:

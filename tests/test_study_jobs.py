@@ -159,3 +159,21 @@ def test_the_slurm_launcher_writes_a_job_array_with_the_asked_resources(tmp_path
                  "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64GB", "#SBATCH --time=600", "#SBATCH --account=vision",
                  "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1"):
         assert line in script, line
+
+
+def test_collect_reads_the_runs_where_this_machine_sees_the_shared_folder(tmp_path):
+    """A run records its checkpoint's path on the machine it ran on; collect (maybe on another machine,
+    the folder mounted elsewhere) uses the run folder it sees."""
+    import shutil
+
+    from cvlm.study import collect
+
+    root = tmp_path / "node-a" / "study"
+    write_plan(StudyConfig(output=str(root), connectors=["mlp"], resolutions=[32], seeds=[0], align_steps=4,
+                           finetune_steps=6, train_per_subtask=4, test_per_subtask=2, pretrain_encoder_steps=4))
+    assert run_planned(str(root), "mlp-32px-seed0")["row"]["checkpoint"] == str(root / "runs" / "mlp-32px-seed0" / "finetune")
+    elsewhere = tmp_path / "node-b" / "study"
+    shutil.move(str(tmp_path / "node-a"), str(tmp_path / "node-b"))
+    result = collect(elsewhere)
+    assert [r["checkpoint"] for r in result["runs"]] == [str(elsewhere / "runs" / "mlp-32px-seed0" / "finetune")]
+    assert (elsewhere / "checkpoints" / "mlp" / "model.safetensors").is_file() and result["pending"] == []
