@@ -220,17 +220,30 @@ def _study_config(args):
 
         config.connectors = list(CONNECTORS)
     if args.benchmark:
-        config.benchmarks = dict(item.split("=", 1) for item in args.benchmark)
+        config.benchmarks = _key_values("--benchmark", args.benchmark)
         if not config.align_data:
             raise ValueError("--benchmark needs --align-data (and optionally --finetune-data): real benchmarks "
                              "score models trained on real data.")
     return config
 
 
+def _key_values(flag: str, items: list[str] | None) -> dict:
+    """NAME=VALUE items of a repeatable flag, each checked."""
+    bad = [item for item in items or [] if "=" not in item or not item.split("=", 1)[0]]
+    if bad:
+        raise ValueError(f"{flag} {bad[0]!r} is not NAME=VALUE: write it e.g. {flag} account=my_project.")
+    return dict(item.split("=", 1) for item in items or [])
+
+
 def _launch_options(args, config):
     from cvlm.study_jobs import LaunchOptions
 
-    slurm = dict(item.split("=", 1) for item in args.slurm_arg or [])
+    job_flags = [f for f, given in (("--gpus-per-run", args.gpus_per_run), ("--tasks-per-run", args.tasks_per_run != 1),
+                                    ("--cpus-per-run", args.cpus_per_run), ("--mem-gb-per-run", args.mem_gb_per_run),
+                                    ("--partition", args.partition), ("--slurm-arg", args.slurm_arg)) if given]
+    if job_flags and args.launcher == "local":
+        raise ValueError(f"{job_flags[0]} sets a submitit job: add --launcher submitit (Slurm) or submitit-local.")
+    slurm = _key_values("--slurm-arg", args.slurm_arg)
     return LaunchOptions(launcher=args.launcher, workers=config.workers, gpus_per_run=args.gpus_per_run,
                          tasks_per_run=args.tasks_per_run,
                          cpus_per_run=args.cpus_per_run, mem_gb_per_run=args.mem_gb_per_run,

@@ -66,6 +66,17 @@ def test_the_plan_names_every_run_with_its_fingerprint_and_run_refuses_other_set
         f"--plan --output {tmp_path / 'none'}` (and the study's settings).")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--gpus-per-run", "1"], "--gpus-per-run sets a submitit job: add --launcher submitit (Slurm) or submitit-local."),
+    (["--launcher", "submitit", "--slurm-arg", "account"],
+     "--slurm-arg 'account' is not NAME=VALUE: write it e.g. --slurm-arg account=my_project."),
+])
+def test_job_flags_are_checked_before_anything_is_written(tmp_path, flags, message):
+    done = cvlm("study", "--quick", "--output", str(tmp_path / "study"), *flags, check=False)
+    assert done.returncode == 2 and done.stderr.strip() == f"cvlm study: error: {message}"
+    assert not (tmp_path / "study").exists()
+
+
 def test_a_run_held_by_another_process_is_left_alone(tmp_path):
     from filelock import FileLock
 
